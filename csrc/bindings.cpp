@@ -1,0 +1,15 @@
+// The pybind11 module unif2ace._C: one module for every kernel family. Each family registers its entry
+// points from its own csrc/bind_<family>.cpp.
+#include <pybind11/pybind11.h>
+
+#include "bind_util.h"
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "unif2ace C++/CUDA kernels (torch-free core; tensors arrive as DLPack capsules)";
+#ifdef UNIF2ACE_WITH_CUDA
+  m.attr("with_cuda") = true;
+#else
+  m.attr("with_cuda") = false;
+#endif
+  unif2ace::bind::bind_loss(m);
+}

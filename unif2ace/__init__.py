@@ -1,0 +1,6 @@
+"""unif2ace: fused C++/CUDA kernels and the UniF2ace model for fine-grained face understanding and generation."""
+from unif2ace._core import WITH_CUDA
+from unif2ace import ops
+
+__version__ = "0.1.0"
+__all__ = ["WITH_CUDA", "ops", "__version__"]

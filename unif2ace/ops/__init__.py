@@ -1,0 +1,1 @@
+from unif2ace.ops.loss import d3diff_loss, linear_d3diff_loss, row_lse_target, softmax_onehot_grad  # noqa: F401
