@@ -101,10 +101,15 @@ def report(result: dict) -> None:
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def measure_in_child(fn: Callable[[], object], *, warmup: int = 1, repeat: int = 3, device: str = "cpu") -> dict:
+def measure_in_child(fn: Callable[[], object], *, warmup: int = 1, repeat: int = 3, device: str = "cpu",
+                     prewarm: Callable[[], object] | None = None) -> dict:
     """Time fn and measure the peak memory it adds, from inside an isolated child process.
 
-    The first (warm-up) call sets the peak; the baseline is the memory held before it."""
+    `prewarm` (the same code path on tiny inputs) runs first, so one-time library start-up (thread pools, BLAS
+    buffers, dispatcher caches) is part of the baseline rather than charged to the measured step. The first
+    full call then sets the peak; the baseline is the memory held just before it."""
+    if prewarm is not None:
+        prewarm()
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
