@@ -17,6 +17,7 @@ namespace {
 
 constexpr int64_t kGateChunk = 256;   // tokens per statistics partial
 constexpr int64_t kSortChunk = 4096;  // slots per histogram partial
+constexpr int64_t kParallelWork = 1 << 15;  // below this many elements a loop runs on the calling thread
 
 size_t element_size(DType dtype) {
   switch (dtype) {
@@ -78,7 +79,7 @@ void gate_forward(const T* logits, int64_t n_tokens, int64_t n_groups, int64_t n
   std::vector<A> part_probs(static_cast<size_t>(n_chunks * ne), A(0));
   std::vector<int64_t> part_counts(static_cast<size_t>(n_chunks * ne), 0);
   std::vector<int64_t> part_groups(static_cast<size_t>(n_chunks * n_groups), 0);
-#pragma omp parallel
+#pragma omp parallel if (n_chunks > 1)
   {
     std::vector<A> logit(n_experts), p(n_experts);
     std::vector<uint8_t> taken(n_experts);
@@ -130,7 +131,7 @@ void gate_backward(const T* logits, int64_t n_tokens, int64_t n_groups, int64_t 
                    const int64_t* group_ids, const uint8_t* token_mask, bool renormalize, const int64_t* expert_ids,
                    const int64_t* group_counts, const A* grad_gates, const A* grad_prob_mean, T* grad_logits) {
   const int64_t ne = n_groups * n_experts;
-#pragma omp parallel
+#pragma omp parallel if (n_tokens * ne > kParallelWork)
   {
     std::vector<A> logit(n_experts), p(n_experts), dp(n_experts);
     std::vector<uint8_t> taken(n_experts);
@@ -173,7 +174,7 @@ void gate_backward(const T* logits, int64_t n_tokens, int64_t n_groups, int64_t 
 template <typename T, typename A = typename Acc<T>::type>
 void unpermute_sum(const T* rows, int64_t n_tokens, int64_t hidden, int64_t top_k, const int64_t* slot_pos,
                    const A* weights, T* out) {
-#pragma omp parallel
+#pragma omp parallel if (n_tokens * top_k * hidden > kParallelWork)
   {
     std::vector<A> acc(hidden);
 #pragma omp for schedule(static)
@@ -196,7 +197,7 @@ void unpermute_sum(const T* rows, int64_t n_tokens, int64_t hidden, int64_t top_
 template <typename T, typename A = typename Acc<T>::type>
 void unpermute_sum_backward(const T* grad_out, const T* rows, int64_t n_rows, int64_t hidden, int64_t top_k,
                             const int64_t* sorted_slot, const A* weights, T* grad_rows, A* grad_weights) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n_rows * hidden > kParallelWork)
   for (int64_t i = 0; i < n_rows; ++i) {
     const int64_t s = sorted_slot[i];
     const T* go = grad_out + (s / top_k) * hidden;
@@ -267,7 +268,7 @@ Status sort_slots_cpu(const int64_t* expert_ids, int64_t n_slots, int64_t n_expe
   const int64_t n_chunks = (n_slots + kSortChunk - 1) / kSortChunk;
   // hist[c, e]: the count of expert e in chunk c, then the first output row of chunk c's expert-e slots.
   std::vector<int64_t> hist(static_cast<size_t>(n_chunks * n_experts), 0);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n_chunks > 1)
   for (int64_t c = 0; c < n_chunks; ++c) {
     int64_t* h = hist.data() + c * n_experts;
     const int64_t end = std::min(n_slots, (c + 1) * kSortChunk);
@@ -283,7 +284,7 @@ Status sort_slots_cpu(const int64_t* expert_ids, int64_t n_slots, int64_t n_expe
     }
   }
   expert_offsets[n_experts] = running;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n_chunks > 1)
   for (int64_t c = 0; c < n_chunks; ++c) {
     int64_t* next = hist.data() + c * n_experts;
     const int64_t end = std::min(n_slots, (c + 1) * kSortChunk);
@@ -315,7 +316,7 @@ Status permute_rows_cpu(const void* src, DType dtype, int64_t n_tokens, int64_t 
   const size_t row_bytes = static_cast<size_t>(hidden) * element_size(dtype);
   const char* in = static_cast<const char*>(src);
   char* o = static_cast<char*>(out);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (static_cast<int64_t>(row_bytes) * n_rows > 4 * kParallelWork)
   for (int64_t i = 0; i < n_rows; ++i) {
     std::memcpy(o + static_cast<size_t>(i) * row_bytes, in + static_cast<size_t>(sorted_slot[i] / top_k) * row_bytes,
                 row_bytes);
