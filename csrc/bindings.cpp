@@ -12,4 +12,5 @@ PYBIND11_MODULE(_C, m) {
   m.attr("with_cuda") = false;
 #endif
   unif2ace::bind::bind_loss(m);
+  unif2ace::bind::bind_sampling(m);
 }
