@@ -15,7 +15,7 @@
 // and from the block's four 32-bit outputs (x0, x1, x2, x3):
 //     uniform64(index) = (x1 << 32) | x0                 a 64-bit uniform integer (categorical draws)
 //     uniform(index)   = (x1 << 32 | x0) >> 11 · 2^-53   the same draw as a float64 in [0, 1)
-//     gumbel(index)    = −log(−log(u24)),  u24 = ((x2 >> 8) + 0.5) · 2^-24 ∈ (0, 1)   (fp32)
+//     gumbel(index)    = −log(−log(u)),  u = ((x2 >> 9) + 0.5) · 2^-23 ∈ (0, 1), exact in fp32
 // x3 is unused. The result depends only on (seed, offset, index): never on threads or launch shape.
 #pragma once
 
@@ -86,8 +86,9 @@ U2A_HD double block_uniform(const Block& b) {
   return static_cast<double>(block_uniform64(b) >> 11) * (1.0 / 9007199254740992.0);  // 2^-53
 }
 
-// A uniform in (0, 1) from 24 bits: never 0 or 1, so −log(−log u) is finite.
-U2A_HD float u24_open(uint32_t bits) { return (static_cast<float>(bits >> 8) + 0.5f) * 5.9604644775390625e-8f; }
+// A uniform in (0, 1) from the top 23 bits: (2j + 1) · 2^-24 is exact in fp32 and never 0 or 1, so
+// −log(−log u) is finite.
+U2A_HD float u_open(uint32_t bits) { return (static_cast<float>(bits >> 9) + 0.5f) * 1.1920928955078125e-7f; }
 
 }  // namespace philox
 
@@ -156,8 +157,8 @@ U2A_HD float exp_nonpos(float x) {
   return x < -32.0f ? 0.0f : out;
 }
 
-// The Gumbel(0, 1) draw of a noise block: −log(−log(u24(x2))).
-U2A_HD float gumbel_from_bits(uint32_t bits) { return -log_pos(-log_pos(philox::u24_open(bits))); }
+// The Gumbel(0, 1) draw of a noise block: −log(−log(u(x2))).
+U2A_HD float gumbel_from_bits(uint32_t bits) { return -log_pos(-log_pos(philox::u_open(bits))); }
 
 }  // namespace repro
 
