@@ -178,3 +178,16 @@ def test_generate_images(guidance):
     assert ((a >= 0) & (a < K)).all()
     assert torch.equal(a, model.generate_images(prompts, steps=4, guidance_scale=guidance, seed=3))
     assert not torch.equal(a, model.generate_images(prompts, steps=4, guidance_scale=guidance, seed=4))
+
+
+def test_generation_backends_agree():
+    torch.manual_seed(0)
+    kern = UniF2aceModel(CFG)
+    ref = UniF2aceModel(CFG, backend="reference")
+    ref.load_state_dict(kern.state_dict())
+    prompts = [[1, 2, 3], [4]]
+    kw = dict(steps=3, guidance_scale=1.5, seed=5)
+    assert torch.equal(kern.generate_images(prompts, **kw), ref.generate_images(prompts, **kw))
+    codes = torch.randint(0, K, (2, N))
+    kw = dict(max_new_tokens=4, top_k=50, top_p=0.9, seed=5, image_codes=codes)
+    assert kern.generate_text(prompts, **kw) == ref.generate_text(prompts, **kw)

@@ -361,6 +361,16 @@ class UniF2aceModel(nn.Module):
                 schedule=c.schedule, progress=progress, backend=c.backend,
             )
 
+    def _sample_next_token(self, logits: Tensor, temperature: float, top_k: int, top_p: float, seed: int,
+                           step: int) -> Tensor:
+        """The fused sampler, or for the reference backend the eager one fed the same Philox uniforms."""
+        if self.config.backend == "reference":
+            uniform = ops.philox_noise(logits.shape[0], seed, step, kind="uniform", device=logits.device)
+            return reference.sample_next_token(logits, temperature=temperature, top_k=top_k, top_p=top_p,
+                                               uniform=uniform)
+        return ops.sample_next_token(logits, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                                     offset=step)
+
     @torch.no_grad()
     def generate_text(self, prefix_ids: Union[Sequence[Sequence[int]], Tensor], *, max_new_tokens: int = 64,
                       temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
@@ -398,8 +408,7 @@ class UniF2aceModel(nn.Module):
             out = []
             for step in range(max_new_tokens):
                 logits = F.linear(hidden[:, -1], weight, bias).float()
-                token = ops.sample_next_token(logits, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                                              offset=step)
+                token = self._sample_next_token(logits, temperature, top_k, top_p, seed, step)
                 token = torch.where(done, torch.full_like(token, c.pad_token_id), token)
                 out.append(token)
                 done = done | (token == c.eot_token_id)
