@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 
 #include "bind_util.h"
+#include "unif2ace/device.h"
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "unif2ace C++/CUDA kernels (torch-free core; tensors arrive as DLPack capsules)";
@@ -11,6 +12,14 @@ PYBIND11_MODULE(_C, m) {
 #else
   m.attr("with_cuda") = false;
 #endif
+  m.def(
+      "cuda_device_count",
+      [] {
+        int count = 0;
+        unif2ace::bind::raise_if_error(unif2ace::cuda_device_count(&count));
+        return count;
+      },
+      "Number of CUDA devices the core can use; raises RuntimeError saying why when it can use none.");
   unif2ace::bind::bind_loss(m);
   unif2ace::bind::bind_moe(m);
 }

@@ -1,0 +1,138 @@
+"""Timing, memory and table helpers shared by the benchmark scripts.
+
+Peak memory on the CPU is measured honestly: each variant runs in a fresh Python process and reports its
+maximum resident set size minus the RSS it had right before the measured work (inputs already built), so
+allocator caches of an earlier variant cannot hide or inflate anything. On CUDA the peak is
+torch.cuda.max_memory_allocated over the measured call, minus the memory held before it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable
+
+import torch
+
+
+def machine_info() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info = {
+        "cpu": cpu,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def machine_line() -> str:
+    m = machine_info()
+    s = f"{m['cpu']}, {m['threads']} threads, torch {m['torch']}"
+    if "gpu" in m:
+        s += f", {m['gpu']} (CUDA {m['cuda']})"
+    return s
+
+
+def sync(device: str | torch.device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_time(fn: Callable[[], object], *, warmup: int = 1, repeat: int = 5, device: str = "cpu") -> float:
+    """Median wall time of fn() in seconds, after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def rss_bytes() -> int:
+    """Current resident set size of this process."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def run_isolated(module: str, args: list[str], timeout: float = 1800) -> dict:
+    """Runs `python -m module args...` in a fresh process; the child prints one JSON line prefixed
+    'RESULT ' which is returned as a dict."""
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    out = subprocess.run(
+        [sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"{module} {' '.join(args)} failed:\n{out.stdout}\n{out.stderr}")
+    for line in out.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    raise RuntimeError(f"{module} {' '.join(args)} printed no RESULT line:\n{out.stdout}\n{out.stderr}")
+
+
+def report(result: dict) -> None:
+    """Child side of run_isolated."""
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def measure_in_child(fn: Callable[[], object], *, warmup: int = 1, repeat: int = 3, device: str = "cpu") -> dict:
+    """Time fn and measure the peak memory it adds, from inside an isolated child process.
+
+    The first (warm-up) call sets the peak; the baseline is the memory held before it."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        t = median_time(fn, warmup=max(0, warmup - 1), repeat=repeat, device=device)
+    else:
+        base = rss_bytes()
+        fn()
+        peak = peak_rss_bytes() - base
+        t = median_time(fn, warmup=max(0, warmup - 1), repeat=repeat, device=device)
+    return {"time_s": t, "peak_bytes": max(0, peak)}
+
+
+def format_table(headers: list[str], rows: list[list[object]]) -> str:
+    """A Markdown table."""
+    cells = [[str(c) for c in r] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(headers), sep] + [line(r) for r in cells])
+
+
+def mib(nbytes: float) -> str:
+    return f"{nbytes / 2**20:.1f}"
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.1f}"
