@@ -21,28 +21,34 @@ namespace {
 
 using detail::mass_of;
 
-// Loads a row (guided if `uncond` is non-null) scaled by inv_t into buf; returns the max and counts NaN / +inf.
+// 1 when z is NaN or +inf (an integer test on the bits, so the loops below vectorise).
+inline uint32_t nan_or_pos_inf(float z) {
+  const uint32_t b = float_to_bits(z);
+  return static_cast<uint32_t>(((b & 0x7fffffffu) > 0x7f800000u) | (b == 0x7f800000u));
+}
+
+// Loads a row (guided if `uncond` is non-null) scaled by inv_t into buf; returns the max and flags NaN / +inf.
 template <typename T>
 float load_row(const T* cond, const T* uncond, float g, float inv_t, int64_t k_count, float* buf, int* bad) {
   float m = -INFINITY;
-  int nonfinite = 0;
+  uint32_t nonfinite = 0;
   if (uncond != nullptr) {
-#pragma omp simd reduction(max : m) reduction(+ : nonfinite)
+#pragma omp simd reduction(max : m) reduction(| : nonfinite)
     for (int64_t k = 0; k < k_count; ++k) {
       const float c = widen(cond[k]);
       const float d = c - widen(uncond[k]);
       const float z = fmaf(g, d, c) * inv_t;
       buf[k] = z;
-      m = std::fmax(m, z);
-      nonfinite += static_cast<int>((z != z) | (z == INFINITY));
+      m = m > z ? m : z;
+      nonfinite |= nan_or_pos_inf(z);
     }
   } else {
-#pragma omp simd reduction(max : m) reduction(+ : nonfinite)
+#pragma omp simd reduction(max : m) reduction(| : nonfinite)
     for (int64_t k = 0; k < k_count; ++k) {
       const float z = widen(cond[k]) * inv_t;
       buf[k] = z;
-      m = std::fmax(m, z);
-      nonfinite += static_cast<int>((z != z) | (z == INFINITY));
+      m = m > z ? m : z;
+      nonfinite |= nan_or_pos_inf(z);
     }
   }
   *bad = nonfinite != 0 || !(m > -INFINITY);
