@@ -448,7 +448,8 @@ def train_image_tokenizer(data, config: ImageTokenizerConfig | None = None, step
                           max_seconds: float | None = None) -> tuple[ImageTokenizer, list[dict]]:
     """Train (or continue training `model`) on `data`: a tensor [N, 3, H, W] in [-1, 1] or a Dataset.
 
-    AdamW with linear warm-up then cosine decay; stops after `steps` or `max_seconds`. Returns the model
+    AdamW with linear warm-up then cosine decay to zero at `steps` or at `max_seconds`, whichever comes
+    first (the training stops there). Returns the model
     (in eval mode) and a history list of {"step", "loss", "recon", "commit", "entropy_sample",
     "entropy_codebook", "psnr"} logged every `train.log_every` steps.
     """
@@ -460,12 +461,14 @@ def train_image_tokenizer(data, config: ImageTokenizerConfig | None = None, step
     torch.manual_seed(seed)
     model = (model or ImageTokenizer(config)).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.99))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, t.warmup_steps)) *
-                                              0.5 * (1 + math.cos(math.pi * min(s, steps) / max(1, steps))))
     batches = _batches(data, t.batch_size, torch.Generator().manual_seed(seed))
     history, start = [], time.time()
     bar = tqdm(range(steps), desc="image tokenizer", disable=not progress)
     for step in bar:
+        # warm-up, then cosine decay over whichever budget (steps or seconds) runs out first
+        done = step / steps if max_seconds is None else max(step / steps, (time.time() - start) / max_seconds)
+        for group in opt.param_groups:
+            group["lr"] = t.lr * min(1.0, (step + 1) / max(1, t.warmup_steps)) * 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
         x = next(batches).to(device)
         recon, losses = model(x, t)
         opt.zero_grad(set_to_none=True)
@@ -473,7 +476,6 @@ def train_image_tokenizer(data, config: ImageTokenizerConfig | None = None, step
         if t.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
         opt.step()
-        sched.step()
         if step % t.log_every == 0 or step == steps - 1:
             row = {"step": step, **{k: round(v.item(), 5) for k, v in losses.items()}, "psnr": round(psnr(recon.detach(), x), 3)}
             history.append(row)
