@@ -8,6 +8,19 @@ Both at the first step (every position masked: the most work the fused kernel ca
 already known positions at later steps, the eager step does not).
 
     python -m benchmarks.bench_sampling [--sizes 256,1024] [--repeat 5] [--device cpu|cuda]
+
+Measured with `python -m benchmarks.bench_sampling --repeat 5` (AMD EPYC, 2 threads, torch 2.13.0+cpu, on a
+shared machine with a load average of about 6, so absolute times are noisy; the eager time is dominated by
+torch.multinomial, then the guidance arithmetic and the softmax):
+
+| B | N    | K    | dtype    | eager Show-o (ms) | fused (ms) | speed-up |
+|---|------|------|----------|-------------------|------------|----------|
+| 8 | 256  | 8192 | float32  | 2577.1            | 116.0      | 22.2x    |
+| 8 | 256  | 8192 | bfloat16 | 1923.2            | 87.9       | 21.9x    |
+| 8 | 1024 | 8192 | float32  | 10132.4           | 346.4      | 29.2x    |
+| 8 | 1024 | 8192 | bfloat16 | 10105.4           | 247.9      | 40.8x    |
+
+No GPU numbers yet (the CUDA path defaults to B = 16, N = 1024, K = 8192).
 """
 from __future__ import annotations
 
