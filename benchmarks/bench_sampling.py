@@ -10,15 +10,15 @@ already known positions at later steps, the eager step does not).
     python -m benchmarks.bench_sampling [--sizes 256,1024] [--dtype float32] [--repeat 5] [--device cpu|cuda] [--json F]
 
 Measured with `python -m benchmarks.bench_sampling --repeat 5` (AMD EPYC, 2 threads, torch 2.13.0+cpu, on a
-shared machine with a load average of about 6, so absolute times are noisy; the eager time is dominated by
-torch.multinomial, then the guidance arithmetic and the softmax):
+shared machine with a load average of about 6.5, so absolute times are noisy; the eager time is dominated by
+torch.multinomial, then the guidance arithmetic and the softmax; peak = extra resident memory of the step):
 
-| B | N    | K    | dtype    | eager Show-o (ms) | fused (ms) | speed-up |
-|---|------|------|----------|-------------------|------------|----------|
-| 8 | 256  | 8192 | float32  | 2577.1            | 116.0      | 22.2x    |
-| 8 | 256  | 8192 | bfloat16 | 1923.2            | 87.9       | 21.9x    |
-| 8 | 1024 | 8192 | float32  | 10132.4           | 346.4      | 29.2x    |
-| 8 | 1024 | 8192 | bfloat16 | 10105.4           | 247.9      | 40.8x    |
+| B | N    | K    | dtype    | eager Show-o (ms) | fused (ms) | speed-up | eager peak MiB | fused peak MiB |
+|---|------|------|----------|-------------------|------------|----------|----------------|----------------|
+| 8 | 256  | 8192 | float32  | 2483.5            | 120.0      | 20.7x    | 191.8          | 0.1            |
+| 8 | 256  | 8192 | bfloat16 | 2347.3            | 108.1      | 21.7x    | 95.8           | 0.1            |
+| 8 | 1024 | 8192 | float32  | 8880.6            | 372.0      | 23.9x    | 767.9          | 0.1            |
+| 8 | 1024 | 8192 | bfloat16 | 7221.7            | 307.9      | 23.5x    | 384.0          | 0.1            |
 
 No GPU numbers yet (the CUDA path defaults to B = 16, N = 1024, K = 8192).
 """
