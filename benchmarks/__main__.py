@@ -25,6 +25,12 @@ HERE = Path(__file__).resolve().parent
 # name -> (module, CPU arguments, quick CPU arguments, GPU arguments)
 BENCHMARKS = {
     "loss": ("benchmarks.bench_loss", [], ["--n", "2048", "--dtype", "float32"], ["--device", "cuda"]),
+    "sampling": ("benchmarks.bench_sampling", [], ["--sizes", "256", "--dtype", "float32", "--repeat", "3"],
+                 ["--device", "cuda"]),
+    "moe": ("benchmarks.bench_moe", [], ["--tokens", "2048", "--dtype", "float32", "--repeat", "2"],
+            ["--device", "cuda"]),
+    "train_step": ("benchmarks.bench_model_step", [], ["--presets", "tiny", "--repeat", "2"],
+                   ["--device", "cuda", "--presets", "small,medium"]),
 }
 
 

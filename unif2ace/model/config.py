@@ -194,6 +194,9 @@ class UniF2aceConfig:
                  128 + shared 256 per group (top-2). ~1.4M parameters: the CPU test model.
         "small"  6 layers × 256, 8 heads, text vocab 4,096, codebook 1,024, 64 image tokens (8 × 8 of 128 px),
                  8 experts of 256 + shared 512 per group (top-4). ~20M parameters: the CPU demo model.
+        "medium" 6 layers × 512, 8 heads, text vocab 16,384, codebook 8,192, 256 image tokens (16 × 16 of 256 px),
+                 8 experts of 512 + shared 1,024 per group (top-4). ~97M parameters: the end-to-end benchmark's
+                 mid size.
         "paper"  24 layers × 2048, 32 heads of 64 (rotary on 32), Show-o's vocabulary (58,498), 256 image tokens,
                  per group 8 routed experts of FFN 512 + a shared expert of FFN 1,536 (top-4). Per layer the
                  token MoE holds 2 × (8·2·2048·512 + 2·2048·1536) ≈ 46.2M weights against Phi's dense 33.6M;
@@ -204,6 +207,12 @@ class UniF2aceConfig:
         """
         if name == "paper":
             cfg = cls()
+        elif name == "medium":
+            cfg = cls(num_layers=6, hidden_size=512, num_heads=8, rotary_dim=32, max_position_embeddings=1024,
+                      text_vocab_size=16384, sot_token_id=16383, eot_token_id=16383, codebook_size=8192,
+                      num_image_tokens=256, image_size=256, experts_per_group=8, moe_top_k=4,
+                      expert_hidden_size=512, shared_hidden_size=1024, clip_embed_dim=256, face_embed_dim=256,
+                      noise_dim=64, resampler_hidden_size=256)
         elif name == "small":
             cfg = cls(num_layers=6, hidden_size=256, num_heads=8, rotary_dim=16, max_position_embeddings=512,
                       text_vocab_size=4096, sot_token_id=4095, eot_token_id=4095, codebook_size=1024,
@@ -217,5 +226,5 @@ class UniF2aceConfig:
                       expert_hidden_size=128, shared_hidden_size=256, clip_embed_dim=64, face_embed_dim=64,
                       noise_dim=16, resampler_hidden_size=64)
         else:
-            raise ValueError(f"unknown preset {name!r}; choose 'tiny', 'small' or 'paper'")
+            raise ValueError(f"unknown preset {name!r}; choose 'tiny', 'small', 'medium' or 'paper'")
         return cfg.replace(**overrides) if overrides else cfg
