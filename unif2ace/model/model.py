@@ -1,0 +1,431 @@
+"""The assembled UniF2ace model: embeddings → N blocks → final LayerNorm → one output head.
+
+Block (a Phi-1.5 block whose dense MLP is the grouped token MoE, followed by the grouped sequence MoE):
+
+    h  = LN_in(x)
+    x  = x + Attn(h) + TokenMoE(h, group)               Phi's parallel residual: both branches read one LayerNorm
+    h2 = LN_seq(x)
+    x  = x + (SeqMoE(h2, group) − h2)                   config.seq_moe_residual = "delta" (default)
+       | x + SeqMoE(h2, group)                          config.seq_moe_residual = "add"
+
+The sequence MoE returns a gated mixture of expert outputs that already contains the identity (Copy(h2) = h2), so
+adding it to the stream as it is would add h2 again for every Copy choice. With "delta" the stream receives only
+what the chosen experts change: Copy experts leave the block exactly the dense Phi-style block, Zero removes the
+normalised stream (−h2), and CLIP/Face/Noise experts add (1 − w)·(S(f) − h2). A block whose sequence router picks
+Copy therefore starts as, and can always fall back to, the plain transformer block.
+
+Routing: the group of a sequence is its task (0 = understanding, 1 = generation) for both MoEs. The sequence
+router pools over the sequence's *context* tokens only: for understanding rows the tokens before the first
+supervised answer token (task token, image block, prompt), for generation rows the text before the image block
+(task token, caption). So the router never sees the answer it helps to predict (no leakage through the pooled
+gate), generation routing stays fixed across MaskGIT steps, and incremental decoding with a KV cache reproduces
+the full forward exactly (the context is the prompt, known at prefill).
+
+Heads: one output Linear over the whole vocabulary (Show-o's lm_head, with bias). The text head is its first
+image_token_offset rows (text + special tokens); the generation head is the K image-code rows
+weight[offset : offset + K]. The losses pass these row slices to the fused `linear_d3diff_loss`, so neither the
+text nor the image logits are ever materialised in full during training (backend="kernels").
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from unif2ace import ops
+from unif2ace.model import checkpoint
+from unif2ace.model.attention import Attention, KVCache, image_block_ids, omni_attention_mask
+from unif2ace.model.batch import IGNORE_INDEX, generation_prefix
+from unif2ace.model.config import UniF2aceConfig
+from unif2ace.model.encoders import BuiltinImageEncoder, freeze
+from unif2ace.nn.moe import GroupedSequenceMoE, GroupedTokenMoE
+from unif2ace.ops import reference
+
+ENCODER_PREFIXES = ("clip_encoder.", "face_encoder.")
+_CLIP_SEED, _FACE_SEED = 1001, 1002
+
+
+@dataclass
+class ModelOutput:
+    loss: Tensor
+    parts: dict = field(default_factory=dict)  # unweighted terms: text, image, token_balance, seq_balance
+
+
+class Block(nn.Module):
+    def __init__(self, config: UniF2aceConfig):
+        super().__init__()
+        c = config
+        self.seq_moe_residual = c.seq_moe_residual
+        self.input_layernorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.self_attn = Attention(c.hidden_size, c.num_heads, c.rotary_dim, c.rope_theta, c.qk_layernorm,
+                                   c.layer_norm_eps, c.backend)
+        self.token_moe = GroupedTokenMoE(
+            c.hidden_size, c.expert_hidden_size, num_groups=c.num_expert_groups,
+            experts_per_group=c.experts_per_group, top_k=c.moe_top_k, shared_expert=True,
+            shared_hidden_size=c.shared_hidden_size, renormalize=c.moe_renormalize, activation=c.moe_activation,
+            backend=c.backend,
+        )
+        self.seq_layernorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.seq_moe = GroupedSequenceMoE(
+            c.hidden_size, groups=c.seq_experts, top_k=c.seq_top_k,
+            embedding_dims={"clip": c.clip_embed_dim, "face": c.face_embed_dim}, noise_dim=c.noise_dim,
+            backend=c.backend,
+        )
+
+    def forward(self, x: Tensor, positions: Tensor, attn_mask: Tensor, task: Tensor, context_mask: Tensor,
+                embeddings: dict, cache: Optional[KVCache] = None, layer: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+        h = self.input_layernorm(x)
+        moe_out, token_balance = self.token_moe(h, task)
+        x = x + self.self_attn(h, positions, attn_mask, cache, layer) + moe_out
+        h2 = self.seq_layernorm(x)
+        if cache is not None and cache.seq_context[layer] is not None:
+            # Decoding: route on the cached context exactly as at prefill; the new tokens are not context.
+            ctx = cache.seq_context[layer]
+            both = torch.cat([ctx, h2], dim=1)
+            both_mask = torch.cat([context_mask, context_mask.new_zeros(h2.shape[:2])], dim=1)
+            seq_out, seq_balance = self.seq_moe(both, task, both_mask, embeddings)
+            seq_out = seq_out[:, ctx.shape[1]:]
+        else:
+            seq_out, seq_balance = self.seq_moe(h2, task, context_mask, embeddings)
+            if cache is not None:
+                cache.seq_context[layer] = h2
+        x = x + (seq_out - h2) if self.seq_moe_residual == "delta" else x + seq_out
+        return x, token_balance, seq_balance
+
+
+class UniF2aceModel(nn.Module):
+    def __init__(self, config: UniF2aceConfig, *, clip_encoder: Optional[nn.Module] = None,
+                 face_encoder: Optional[nn.Module] = None, backend: Optional[str] = None):
+        super().__init__()
+        if backend is not None:
+            config = config.replace(backend=backend)
+        config = config.replace(clip_encoder="builtin" if clip_encoder is None else "external",
+                                face_encoder="builtin" if face_encoder is None else "external")
+        self.config = c = config
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.layers = nn.ModuleList([Block(c) for _ in range(c.num_layers)])
+        self.final_layernorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.lm_head = nn.Linear(c.hidden_size, c.vocab_size)
+        self.clip_encoder = freeze(clip_encoder or BuiltinImageEncoder(c.clip_embed_dim, seed=_CLIP_SEED))
+        self.face_encoder = freeze(face_encoder or BuiltinImageEncoder(c.face_embed_dim, seed=_FACE_SEED))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Phi/GPT-style init of the modules this file owns (normal(0, 0.02) weights, zero biases, unit norms);
+        the MoE layers keep their own initialisation."""
+        std = self.config.initializer_range
+        if self.embed_tokens.weight.is_meta:
+            return
+        nn.init.normal_(self.embed_tokens.weight, std=std)
+        nn.init.normal_(self.lm_head.weight, std=std)
+        nn.init.zeros_(self.lm_head.bias)
+        for block in self.layers:
+            for lin in (block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj,
+                        block.self_attn.dense):
+                nn.init.normal_(lin.weight, std=std)
+                nn.init.zeros_(lin.bias)
+
+    # ------------------------------------------------------------------------------------------------------
+    # Parameters
+    # ------------------------------------------------------------------------------------------------------
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """What the optimizer should see: everything except the frozen encoders."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def num_parameters(self) -> int:
+        """Parameters of the model proper (the frozen encoders are not counted)."""
+        return sum(p.numel() for n, p in self.named_parameters() if not n.startswith(ENCODER_PREFIXES))
+
+    def checkpoint_state_dict(self) -> dict[str, Tensor]:
+        """The state dict without the frozen encoders (they are not saved: built-in ones are rebuilt from their
+        seed, external ones belong to the user)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(ENCODER_PREFIXES)}
+
+    def text_head(self) -> tuple[Tensor, Tensor]:
+        off = self.config.image_token_offset
+        return self.lm_head.weight[:off], self.lm_head.bias[:off]
+
+    def image_head(self) -> tuple[Tensor, Tensor]:
+        off, K = self.config.image_token_offset, self.config.codebook_size
+        return self.lm_head.weight[off:off + K], self.lm_head.bias[off:off + K]
+
+    # ------------------------------------------------------------------------------------------------------
+    # Forward pieces
+    # ------------------------------------------------------------------------------------------------------
+    def image_embeddings(self, batch_size: int, device: torch.device, images: Optional[Tensor] = None,
+                         embeddings: Optional[dict] = None) -> dict[str, Tensor]:
+        """{"clip": [B, Dc], "face": [B, Df]} for the sequence MoE: given embeddings, else the frozen encoders on
+        `images`, else zeros (rows without an image, e.g. text-to-image generation: their experts only see the
+        resampler's response to a zero embedding)."""
+        c = self.config
+        dims = {"clip": c.clip_embed_dim, "face": c.face_embed_dim}
+        out = dict(embeddings) if embeddings is not None else {}
+        encoders = {"clip": self.clip_encoder, "face": self.face_encoder}
+        dtype = self.embed_tokens.weight.dtype
+        for name, dim in dims.items():
+            if name in out:
+                continue
+            if images is not None:
+                with torch.no_grad():
+                    out[name] = encoders[name](images.to(device)).to(dtype)
+            else:
+                out[name] = torch.zeros(batch_size, dim, device=device, dtype=dtype)
+        return out
+
+    def context_mask(self, input_ids: Tensor, padding_mask: Tensor, task: Tensor,
+                     labels: Optional[Tensor] = None) -> Tensor:
+        """[B, L] bool: the tokens the sequence router pools over (see the module docstring). Understanding rows:
+        real tokens before the first supervised label (all real tokens when there are no labels); generation
+        rows: real tokens before the first <|soi|>."""
+        c = self.config
+        real = padding_mask.bool()
+        if labels is not None:
+            before_answer = (labels != IGNORE_INDEX).long().cumsum(-1) == 0
+        else:
+            before_answer = torch.ones_like(real)
+        before_image = (input_ids == c.soi_token_id).long().cumsum(-1) == 0
+        ctx = real & torch.where((task == 1)[:, None], before_image, before_answer)
+        return torch.where(ctx.any(-1, keepdim=True), ctx, real)  # never an empty pool
+
+    def transformer(self, input_ids: Tensor, padding_mask: Tensor, task: Tensor, *, context_mask: Tensor,
+                    embeddings: dict, attn_mask: Optional[Tensor] = None, cache: Optional[KVCache] = None
+                    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Final hidden states [B, L, H] (after the final LayerNorm) and the mean token / sequence balance losses
+        over the layers. With a non-empty `cache`, input_ids are new text tokens appended after the cached ones
+        (causal, all real); `context_mask` is then the prefill's."""
+        B, L = input_ids.shape
+        device = input_ids.device
+        start = cache.length if cache is not None else 0
+        positions = torch.arange(start, start + L, device=device)
+        if start > 0:
+            key_mask = torch.cat([cache.key_padding_mask, padding_mask.bool()], dim=1)  # [B, T]
+            key_pos = torch.arange(start + L, device=device)
+            attn_mask = key_mask[:, None, None, :] & (key_pos[None, None, None, :] <= positions[None, None, :, None])
+            cache.key_padding_mask = key_mask
+        else:
+            if attn_mask is None:
+                attn_mask = omni_attention_mask(input_ids, padding_mask, self.config.soi_token_id,
+                                                self.config.eoi_token_id)
+            if cache is not None:
+                cache.key_padding_mask = padding_mask.bool()
+        x = self.embed_tokens(input_ids)
+        token_balance = x.new_zeros((), dtype=torch.float32)
+        seq_balance = x.new_zeros((), dtype=torch.float32)
+        for i, block in enumerate(self.layers):
+            x, tb, sb = block(x, positions, attn_mask, task, context_mask, embeddings, cache, i)
+            token_balance = token_balance + tb.float()
+            seq_balance = seq_balance + sb.float()
+        n = max(1, len(self.layers))
+        return self.final_layernorm(x), token_balance / n, seq_balance / n
+
+    # ------------------------------------------------------------------------------------------------------
+    # Training forward
+    # ------------------------------------------------------------------------------------------------------
+    def forward(self, batch: dict) -> ModelOutput:
+        """Loss of a mixed batch (see batch.build_batch for the keys):
+
+        loss = text_loss_weight · CE(answer tokens)            next-token prediction, understanding rows
+             + image_loss_weight · D3Diff(masked image tokens)  generation rows, per-row γ
+             + token_balance_weight · token balance loss         mean over layers
+             + seq_balance_weight · sequence balance loss        mean over layers
+        """
+        c = self.config
+        device = self.embed_tokens.weight.device
+        input_ids = batch["input_ids"].to(device)
+        padding_mask = batch["padding_mask"].to(device).bool()
+        task = batch["task"].to(device)
+        labels = batch.get("labels")
+        labels = labels.to(device) if labels is not None else torch.full_like(input_ids, IGNORE_INDEX)
+        image_targets = batch.get("image_targets")
+        image_targets = image_targets.to(device) if image_targets is not None else torch.full_like(
+            input_ids, IGNORE_INDEX)
+        B, L = input_ids.shape
+        gamma = batch.get("gamma")
+        gamma = gamma.to(device) if gamma is not None else torch.ones(B, device=device)
+
+        embeddings = self.image_embeddings(B, device, batch.get("images"), batch.get("embeddings"))
+        context = self.context_mask(input_ids, padding_mask, task, labels)
+        hidden, token_balance, seq_balance = self.transformer(
+            input_ids, padding_mask, task, context_mask=context, embeddings=embeddings)
+
+        # Text: position i predicts token i + 1.
+        supervised = labels[:, 1:] != IGNORE_INDEX
+        text_loss = self._text_loss(hidden[:, :-1][supervised], labels[:, 1:][supervised])
+        # Image: masked positions predict their own code.
+        masked = image_targets != IGNORE_INDEX
+        row_gamma = gamma[:, None].expand(B, L)[masked].float()
+        image_loss = self._image_loss(hidden[masked], image_targets[masked], row_gamma)
+
+        loss = (c.text_loss_weight * text_loss + c.image_loss_weight * image_loss
+                + c.token_balance_weight * token_balance + c.seq_balance_weight * seq_balance)
+        parts = {"text": text_loss.detach(), "image": image_loss.detach(),
+                 "token_balance": token_balance.detach(), "seq_balance": seq_balance.detach()}
+        return ModelOutput(loss=loss, parts=parts)
+
+    def _text_loss(self, hidden: Tensor, target: Tensor) -> Tensor:
+        if hidden.shape[0] == 0:
+            return hidden.sum().float() * 0
+        weight, bias = self.text_head()
+        if self.config.backend == "reference":
+            return F.cross_entropy(F.linear(hidden, weight, bias).float(), target)
+        ones = torch.ones(hidden.shape[0], device=hidden.device)
+        return ops.linear_d3diff_loss(hidden, weight, target, ones, bias=bias, alpha=0.0)
+
+    def _image_loss(self, hidden: Tensor, target: Tensor, gamma: Tensor) -> Tensor:
+        if hidden.shape[0] == 0:
+            return hidden.sum().float() * 0
+        c = self.config
+        weight, bias = self.image_head()
+        opts = dict(alpha=c.alpha, score=c.score, schedule=c.schedule, w_max=c.w_max)
+        if c.backend == "reference":
+            return reference.d3diff_loss(F.linear(hidden, weight, bias), target, gamma, **opts)
+        return ops.linear_d3diff_loss(hidden, weight, target, gamma, bias=bias, **opts)
+
+    # ------------------------------------------------------------------------------------------------------
+    # Inference
+    # ------------------------------------------------------------------------------------------------------
+    def _pad_left(self, rows: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor]:
+        device = self.embed_tokens.weight.device
+        L = max(len(r) for r in rows)
+        ids = torch.tensor([[self.config.pad_token_id] * (L - len(r)) + list(r) for r in rows], device=device)
+        real = torch.tensor([[False] * (L - len(r)) + [True] * len(r) for r in rows], device=device)
+        return ids, real
+
+    @contextlib.contextmanager
+    def _seeded(self, seed: int):
+        """Seeds torch's global generator for the duration (the sequence MoE's Noise expert draws from it)
+        without disturbing the caller's random state."""
+        device = self.embed_tokens.weight.device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            yield
+
+    @torch.no_grad()
+    def generate_images(self, prompt_ids: Sequence[Sequence[int]], *, steps: int = 18, guidance_scale: float = 0.0,
+                        temperature: float = 1.0, choice_temperature: float = 1.0, seed: int = 0,
+                        init_codes: Optional[Tensor] = None, progress: bool = False) -> Tensor:
+        """Text-to-image: image codes [B, N] in [0, K) for captions given as token-id lists (no special tokens).
+
+        MaskGIT sampling (unif2ace.ops.maskgit_generate) over `steps` steps from an all-masked image (or from
+        `init_codes` [B, N] with K marking unknown positions, for inpainting). With guidance_scale > 0 each step
+        also runs the unconditional prompt (an empty caption, what caption dropout trains) in the same batch and
+        uses z_cond + g·(z_cond − z_uncond). The same seed gives the same codes.
+        """
+        self.eval()
+        c = self.config
+        B, N, K = len(prompt_ids), c.num_image_tokens, c.codebook_size
+        prefixes = [generation_prefix(c, p) for p in prompt_ids]
+        if guidance_scale > 0:
+            prefixes += [generation_prefix(c, [])] * B
+        prefix_ids, prefix_real = self._pad_left([p + [c.soi_token_id] for p in prefixes])
+        rows, P = prefix_ids.shape
+        device = prefix_ids.device
+        tail = torch.full((rows, N + 1), c.mask_token_id, device=device)
+        tail[:, -1] = c.eoi_token_id
+        input_ids = torch.cat([prefix_ids, tail], dim=1)
+        padding_mask = torch.cat([prefix_real, torch.ones_like(tail, dtype=torch.bool)], dim=1)
+        task = torch.ones(rows, dtype=torch.long, device=device)
+        attn_mask = omni_attention_mask(input_ids, padding_mask, c.soi_token_id, c.eoi_token_id)
+        context = self.context_mask(input_ids, padding_mask, task)
+        embeddings = self.image_embeddings(rows, device)
+        weight, bias = self.image_head()
+
+        def logits_fn(tokens: Tensor):
+            img = torch.where(tokens == K, c.mask_token_id, tokens + c.image_token_offset)
+            ids = input_ids.clone()
+            ids[:, P:P + N] = img.repeat(rows // B, 1)
+            with self._seeded(seed):
+                hidden, _, _ = self.transformer(ids, padding_mask, task, context_mask=context,
+                                                embeddings=embeddings, attn_mask=attn_mask)
+            logits = F.linear(hidden[:, P:P + N], weight, bias).float()
+            return logits.chunk(2) if guidance_scale > 0 else logits
+
+        if init_codes is None:
+            init_codes = torch.full((B, N), K, dtype=torch.long, device=device)
+        return ops.maskgit_generate(
+            logits_fn, B, N, K, num_steps=steps, mask_id=K, seed=seed, init_tokens=init_codes.to(device),
+            guidance_scale=guidance_scale, temperature=temperature, choice_temperature=choice_temperature,
+            schedule=c.schedule, progress=progress, backend=c.backend,
+        )
+
+    @torch.no_grad()
+    def generate_text(self, prefix_ids: Union[Sequence[Sequence[int]], Tensor], *, max_new_tokens: int = 64,
+                      temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                      image_codes: Optional[Tensor] = None, images: Optional[Tensor] = None,
+                      embeddings: Optional[dict] = None) -> list[list[int]]:
+        """Understanding: continues each prefix with a KV cache until <|eot|> or max_new_tokens; returns the new
+        token ids per row (without the <|eot|>).
+
+        With `image_codes` [B, N] the prefix is the prompt text and the image block is put in front of it:
+        <|mmu|> <|soi|> codes <|eoi|> <|sot|> prefix. Without, each prefix is a complete token sequence (already
+        holding its image block, if any). Prefixes of different lengths are left-padded. `images` or
+        `embeddings` feed the CLIP/Face experts (zeros otherwise). Sampling: unif2ace.ops.sample_next_token over
+        the text head (text + special tokens), temperature / top_k / top_p, reproducible with `seed`.
+        """
+        self.eval()
+        c = self.config
+        rows = prefix_ids.tolist() if isinstance(prefix_ids, Tensor) else [list(p) for p in prefix_ids]
+        if image_codes is not None:
+            codes = torch.as_tensor(image_codes).long().tolist()
+            if len(codes) != len(rows):
+                raise ValueError(f"image_codes has {len(codes)} rows, prefixes {len(rows)}")
+            rows = [[c.mmu_token_id, c.soi_token_id] + [c.image_token_offset + v for v in cr]
+                    + [c.eoi_token_id, c.sot_token_id] + r for cr, r in zip(codes, rows)]
+        ids, real = self._pad_left(rows)
+        B, P = ids.shape
+        if P + max_new_tokens > c.max_position_embeddings:
+            raise ValueError(f"prefix {P} + {max_new_tokens} new tokens exceed {c.max_position_embeddings} positions")
+        device = ids.device
+        task = torch.zeros(B, dtype=torch.long, device=device)
+        emb = self.image_embeddings(B, device, images, embeddings)
+        cache = KVCache(len(self.layers))
+        with self._seeded(seed):
+            hidden, _, _ = self.transformer(ids, real, task, context_mask=real, embeddings=emb, cache=cache)
+            weight, bias = self.text_head()
+            done = torch.zeros(B, dtype=torch.bool, device=device)
+            out = []
+            for step in range(max_new_tokens):
+                logits = F.linear(hidden[:, -1], weight, bias).float()
+                token = ops.sample_next_token(logits, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                                              offset=step)
+                token = torch.where(done, torch.full_like(token, c.pad_token_id), token)
+                out.append(token)
+                done = done | (token == c.eot_token_id)
+                if bool(done.all()) or step + 1 == max_new_tokens:
+                    break
+                hidden, _, _ = self.transformer(token[:, None], torch.ones_like(token[:, None], dtype=torch.bool),
+                                                task, context_mask=real, embeddings=emb, cache=cache)
+        tokens = torch.stack(out, dim=1).tolist() if out else [[] for _ in range(B)]
+        result = []
+        for row in tokens:
+            row = row[:row.index(c.eot_token_id)] if c.eot_token_id in row else row
+            result.append(row)
+        return result
+
+    # ------------------------------------------------------------------------------------------------------
+    # Save / load
+    # ------------------------------------------------------------------------------------------------------
+    def save_pretrained(self, directory: str, *, max_shard_size: Union[int, str] = "5GB") -> None:
+        """config.json + model.safetensors (or model-0000i-of-0000N.safetensors shards and
+        model.safetensors.index.json above max_shard_size). Written to a temporary directory next to
+        `directory` and renamed into place, so a failure leaves nothing half-written."""
+        checkpoint.save(directory, self.config.to_dict(), self.checkpoint_state_dict(), max_shard_size)
+
+    @classmethod
+    def from_pretrained(cls, directory: str, *, clip_encoder: Optional[nn.Module] = None,
+                        face_encoder: Optional[nn.Module] = None, backend: Optional[str] = None,
+                        device: Union[str, torch.device] = "cpu") -> "UniF2aceModel":
+        """Loads what save_pretrained wrote; raises CheckpointError naming the offending tensor or file on missing
+        / unexpected keys, shape mismatches and truncated or corrupt files."""
+        config = UniF2aceConfig.load(directory)
+        with torch.device(device):
+            model = cls(config, clip_encoder=clip_encoder, face_encoder=face_encoder, backend=backend)
+        state = checkpoint.load(directory)
+        checkpoint.check_state(model.checkpoint_state_dict(), state)
+        model.load_state_dict(state, strict=False)
+        return model

@@ -1,0 +1,433 @@
+"""Grouped mixture-of-experts ops (DESIGN §5) as torch custom ops around the C++/CUDA kernels.
+
+Public functions:
+  moe_gate      fused grouped softmax + top-k + renormalise + routing statistics (expert counts, mean router
+                probabilities for the balance loss); the [T, G·E] probability matrix is never stored
+  moe_dispatch  stable expert-sorted permutation of the (token, slot) pairs and the row gather into that order
+  moe_combine   the gate-weighted sum of each token's k expert rows back in token order (fixed order j = 0..k−1)
+  grouped_mlp   the experts' 2-matrix MLPs over the expert-sorted rows (per-expert matrix products)
+  balance_loss  Σ_groups E·Σ_e f_e·P_e from moe_gate's statistics
+
+The custom ops underneath (torch.ops.unif2ace.*): moe_gate, moe_gate_backward, moe_sort, moe_permute,
+moe_unpermute, moe_unpermute_backward. Every one is deterministic: the same inputs give bit-identical outputs on
+the same device (fixed-order sums, no float atomics).
+
+Slots: token t's j-th choice is slot s = t·k + j. `sorted_slot[i]` is the slot held by expert-sorted row i;
+rows are grouped by expert (ascending expert id) and, within an expert, by ascending slot, so
+`x_sorted[i] = x[sorted_slot[i] // k]` and expert e owns rows `expert_offsets[e] : expert_offsets[e + 1]`.
+
+Invalid ids: on the CPU an out-of-range group id, expert id or a malformed sorted_slot raises ValueError naming
+the argument. On CUDA the check would need a host synchronisation, so the kernels stay in bounds instead (a
+token with an out-of-range group gets expert ids −1 and gates 0; out-of-range expert ids sort after every real
+expert, past expert_offsets[-1]).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from unif2ace._core import _C, dl, stream_of
+
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _acc_dtype(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _opt_dl(t: Optional[Tensor]):
+    return None if t is None else dl(t.contiguous())
+
+
+def _check_float(t: Tensor, name: str, dim: int) -> None:
+    if not isinstance(t, Tensor):
+        raise ValueError(f"{name}: expected a tensor, got {type(t).__name__}")
+    if t.dim() != dim:
+        raise ValueError(f"{name}: expected a {dim}-D tensor, got shape {tuple(t.shape)}")
+    if t.dtype not in _FLOATS:
+        raise ValueError(f"{name}: dtype must be float32, bfloat16, float16 or float64, got {t.dtype}")
+
+
+def _check_index(t: Tensor, name: str, shape: tuple, device: torch.device) -> None:
+    if not isinstance(t, Tensor):
+        raise ValueError(f"{name}: expected a tensor, got {type(t).__name__}")
+    if t.dtype != torch.int64:
+        raise ValueError(f"{name}: dtype must be int64, got {t.dtype}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {list(shape)}, got {list(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name}: must be on {device}, got {t.device}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Gating
+# ----------------------------------------------------------------------------------------------------------
+def _check_gate(router_logits, group_ids, token_mask, num_groups, top_k):
+    _check_float(router_logits, "router_logits", 2)
+    if not isinstance(num_groups, int) or num_groups <= 0:
+        raise ValueError(f"num_groups: must be a positive int, got {num_groups!r}")
+    n_tokens, n_cols = router_logits.shape
+    if n_cols == 0 or n_cols % num_groups != 0:
+        raise ValueError(
+            f"router_logits: the number of columns ({n_cols}) must be a positive multiple of num_groups ({num_groups})"
+        )
+    n_experts = n_cols // num_groups
+    if not isinstance(top_k, int) or not 1 <= top_k <= n_experts:
+        raise ValueError(f"top_k: must lie in [1, {n_experts}] (the experts per group), got {top_k!r}")
+    _check_index(group_ids, "group_ids", (n_tokens,), router_logits.device)
+    if token_mask is not None:
+        if token_mask.dtype != torch.bool or tuple(token_mask.shape) != (n_tokens,):
+            raise ValueError(f"token_mask: expected a bool tensor of shape [{n_tokens}], got {token_mask.dtype} "
+                             f"{list(token_mask.shape)}")
+        if token_mask.device != router_logits.device:
+            raise ValueError(f"token_mask: must be on {router_logits.device}, got {token_mask.device}")
+    return n_tokens, n_experts
+
+
+@torch.library.custom_op("unif2ace::moe_gate", mutates_args=())
+def _moe_gate(
+    router_logits: Tensor, group_ids: Tensor, token_mask: Optional[Tensor], num_groups: int, top_k: int,
+    renormalize: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    n_tokens, n_experts = _check_gate(router_logits, group_ids, token_mask, num_groups, top_k)
+    logits = router_logits.contiguous()
+    dev, acc, ne = logits.device, _acc_dtype(logits), num_groups * n_experts
+    gates = torch.empty(n_tokens, top_k, dtype=acc, device=dev)
+    ids = torch.empty(n_tokens, top_k, dtype=torch.int64, device=dev)
+    counts = torch.empty(ne, dtype=torch.int64, device=dev)
+    group_counts = torch.empty(num_groups, dtype=torch.int64, device=dev)
+    prob_mean = torch.empty(ne, dtype=acc, device=dev)
+    ws = (None, None, None)
+    if dev.type == "cuda":
+        nb = -(-n_tokens // _C.moe_gate_block_tokens())
+        ws = (torch.empty(nb, ne, dtype=torch.float32, device=dev), torch.empty(nb, ne, dtype=torch.int64, device=dev),
+              torch.empty(nb, num_groups, dtype=torch.int64, device=dev))
+    _C.moe_gate_forward(
+        dl(logits), dl(group_ids.contiguous()), _opt_dl(token_mask), num_groups, top_k, renormalize, dl(gates),
+        dl(ids), dl(counts), dl(group_counts), dl(prob_mean), *[_opt_dl(w) for w in ws], stream_of(logits),
+    )
+    return gates, ids, counts, prob_mean, group_counts
+
+
+@_moe_gate.register_fake
+def _(router_logits, group_ids, token_mask, num_groups, top_k, renormalize):
+    n_tokens, n_experts = _check_gate(router_logits, group_ids, token_mask, num_groups, top_k)
+    acc, ne = _acc_dtype(router_logits), num_groups * n_experts
+    new = router_logits.new_empty
+    return (new(n_tokens, top_k, dtype=acc), new(n_tokens, top_k, dtype=torch.int64), new(ne, dtype=torch.int64),
+            new(ne, dtype=acc), new(num_groups, dtype=torch.int64))
+
+
+@torch.library.custom_op("unif2ace::moe_gate_backward", mutates_args=())
+def _moe_gate_backward(
+    router_logits: Tensor, group_ids: Tensor, token_mask: Optional[Tensor], expert_ids: Tensor,
+    group_counts: Tensor, grad_gates: Optional[Tensor], grad_prob_mean: Optional[Tensor], num_groups: int,
+    top_k: int, renormalize: bool,
+) -> Tensor:
+    _check_gate(router_logits, group_ids, token_mask, num_groups, top_k)
+    logits = router_logits.contiguous()
+    grad = torch.empty_like(logits)
+    acc = _acc_dtype(logits)
+    gg = None if grad_gates is None else grad_gates.to(acc)
+    gp = None if grad_prob_mean is None else grad_prob_mean.to(acc)
+    _C.moe_gate_backward(
+        dl(logits), dl(group_ids.contiguous()), _opt_dl(token_mask), num_groups, top_k, renormalize,
+        dl(expert_ids.contiguous()), dl(group_counts.contiguous()), _opt_dl(gg), _opt_dl(gp), dl(grad),
+        stream_of(logits),
+    )
+    return grad
+
+
+@_moe_gate_backward.register_fake
+def _(router_logits, group_ids, token_mask, expert_ids, group_counts, grad_gates, grad_prob_mean, num_groups, top_k,
+      renormalize):
+    return torch.empty_like(router_logits, memory_format=torch.contiguous_format)
+
+
+def _gate_setup(ctx, inputs, output):
+    router_logits, group_ids, token_mask, num_groups, top_k, renormalize = inputs
+    ctx.opts = (num_groups, top_k, renormalize)
+    ctx.save_for_backward(router_logits, group_ids, token_mask, output[1], output[4])
+
+
+def _gate_backward(ctx, grad_gates, _g_ids, _g_counts, grad_prob_mean, _g_group_counts):
+    router_logits, group_ids, token_mask, expert_ids, group_counts = ctx.saved_tensors
+    num_groups, top_k, renormalize = ctx.opts
+    grad = torch.ops.unif2ace.moe_gate_backward(
+        router_logits, group_ids, token_mask, expert_ids, group_counts, grad_gates, grad_prob_mean, num_groups,
+        top_k, renormalize,
+    )
+    return grad, None, None, None, None, None
+
+
+_moe_gate.register_autograd(_gate_backward, setup_context=_gate_setup)
+
+
+def moe_gate(
+    router_logits: Tensor,
+    group_ids: Tensor,
+    *,
+    num_groups: int,
+    top_k: int,
+    renormalize: bool = True,
+    token_mask: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Grouped softmax gating in one pass.
+
+    router_logits [T, G·E] (fp32/bf16/fp16; fp64 on CPU); group_ids [T] int64: token t routes only among the E
+    experts of its group g (global ids g·E .. g·E + E − 1). token_mask [T] bool (optional): tokens with False
+    are routed normally but left out of the statistics (padding).
+
+    Returns
+      gates [T, k]            the softmax probabilities of the chosen experts within the token's group,
+                              divided by their sum when `renormalize`; fp32 (fp64 for fp64 logits); differentiable
+      expert_ids [T, k]       int64 global expert ids, by descending probability; ties go to the lower index
+      expert_counts [G·E]     int64 number of (token, slot) pairs routed to each expert
+      router_prob_mean [G·E]  mean router probability of each expert over the tokens of its group (0 for a group
+                              without tokens); differentiable — the P of the balance loss
+    The selection is made on the logits (the same order as on the probabilities, without rounding ties).
+    """
+    gates, ids, counts, prob_mean, _ = torch.ops.unif2ace.moe_gate(
+        router_logits, group_ids, token_mask, num_groups, top_k, renormalize
+    )
+    return gates, ids, counts, prob_mean
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Permutation
+# ----------------------------------------------------------------------------------------------------------
+@torch.library.custom_op("unif2ace::moe_sort", mutates_args=())
+def _moe_sort(expert_ids: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
+    ids = expert_ids.contiguous()
+    dev, n = ids.device, ids.numel()
+    offsets = torch.empty(num_experts + 1, dtype=torch.int64, device=dev)
+    sorted_slot = torch.empty(n, dtype=torch.int64, device=dev)
+    ws = None
+    if dev.type == "cuda":
+        ws = torch.empty(-(-n // _C.moe_sort_block_slots()), num_experts + 1, dtype=torch.int64, device=dev)
+    _C.moe_sort_slots(dl(ids), num_experts, dl(offsets), dl(sorted_slot), _opt_dl(ws), stream_of(ids))
+    return offsets, sorted_slot
+
+
+@_moe_sort.register_fake
+def _(expert_ids, num_experts):
+    return (expert_ids.new_empty(num_experts + 1, dtype=torch.int64),
+            expert_ids.new_empty(expert_ids.numel(), dtype=torch.int64))
+
+
+@torch.library.custom_op("unif2ace::moe_permute", mutates_args=())
+def _moe_permute(x: Tensor, sorted_slot: Tensor, top_k: int) -> Tensor:
+    x = x.contiguous()
+    out = x.new_empty(sorted_slot.shape[0], x.shape[1])
+    _C.moe_permute_rows(dl(x), dl(sorted_slot.contiguous()), top_k, dl(out), stream_of(x))
+    return out
+
+
+@_moe_permute.register_fake
+def _(x, sorted_slot, top_k):
+    return x.new_empty(sorted_slot.shape[0], x.shape[1])
+
+
+def _permute_setup(ctx, inputs, output):
+    _, sorted_slot, top_k = inputs
+    ctx.top_k = top_k
+    ctx.save_for_backward(sorted_slot)
+
+
+def _permute_backward(ctx, grad):
+    (sorted_slot,) = ctx.saved_tensors
+    # Each token's k gathered rows summed back in the fixed order j = 0..k−1.
+    return torch.ops.unif2ace.moe_unpermute(grad, None, sorted_slot, ctx.top_k), None, None
+
+
+_moe_permute.register_autograd(_permute_backward, setup_context=_permute_setup)
+
+
+def _slot_positions(sorted_slot: Tensor) -> Tensor:
+    pos = torch.empty_like(sorted_slot)
+    _C.moe_invert_permutation(dl(sorted_slot), dl(pos), stream_of(sorted_slot))
+    return pos
+
+
+@torch.library.custom_op("unif2ace::moe_unpermute", mutates_args=())
+def _moe_unpermute(y_sorted: Tensor, gates: Optional[Tensor], sorted_slot: Tensor, top_k: int) -> Tensor:
+    y_sorted, sorted_slot = y_sorted.contiguous(), sorted_slot.contiguous()
+    out = y_sorted.new_empty(y_sorted.shape[0] // top_k, y_sorted.shape[1])
+    pos = _slot_positions(sorted_slot)
+    _C.moe_unpermute_sum(dl(y_sorted), dl(pos), _opt_dl(gates), top_k, dl(out), stream_of(y_sorted))
+    return out
+
+
+@_moe_unpermute.register_fake
+def _(y_sorted, gates, sorted_slot, top_k):
+    return y_sorted.new_empty(y_sorted.shape[0] // top_k, y_sorted.shape[1])
+
+
+@torch.library.custom_op("unif2ace::moe_unpermute_backward", mutates_args=())
+def _moe_unpermute_backward(grad_y: Tensor, y_sorted: Tensor, gates: Tensor, sorted_slot: Tensor
+                            ) -> tuple[Tensor, Tensor]:
+    grad_y, y_sorted, gates = grad_y.contiguous(), y_sorted.contiguous(), gates.contiguous()
+    grad_rows = torch.empty_like(y_sorted)
+    grad_gates = torch.empty_like(gates)
+    _C.moe_unpermute_sum_backward(dl(grad_y), dl(y_sorted), dl(sorted_slot.contiguous()), dl(gates), dl(grad_rows),
+                                  dl(grad_gates), stream_of(y_sorted))
+    return grad_rows, grad_gates
+
+
+@_moe_unpermute_backward.register_fake
+def _(grad_y, y_sorted, gates, sorted_slot):
+    return (torch.empty_like(y_sorted, memory_format=torch.contiguous_format),
+            torch.empty_like(gates, memory_format=torch.contiguous_format))
+
+
+def _unpermute_setup(ctx, inputs, output):
+    y_sorted, gates, sorted_slot, top_k = inputs
+    ctx.top_k = top_k
+    ctx.has_gates = gates is not None
+    ctx.save_for_backward(y_sorted if gates is not None else None, gates, sorted_slot)
+
+
+def _unpermute_backward(ctx, grad_y):
+    y_sorted, gates, sorted_slot = ctx.saved_tensors
+    if not ctx.has_gates:
+        return torch.ops.unif2ace.moe_permute(grad_y, sorted_slot, ctx.top_k), None, None, None
+    grad_rows, grad_gates = torch.ops.unif2ace.moe_unpermute_backward(
+        grad_y.to(y_sorted.dtype), y_sorted, gates, sorted_slot
+    )
+    return grad_rows, grad_gates, None, None
+
+
+_moe_unpermute.register_autograd(_unpermute_backward, setup_context=_unpermute_setup)
+
+
+def moe_dispatch(x: Tensor, expert_ids: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Gather the rows of `x [T, H]` into expert order for `expert_ids [T, k]` (int64 in [0, num_experts)).
+
+    Returns (x_sorted [T·k, H], expert_offsets [num_experts + 1] int64, sorted_slot [T·k] int64), with
+    x_sorted[i] = x[sorted_slot[i] // k] and expert e's rows at expert_offsets[e] : expert_offsets[e + 1], in
+    ascending slot order (a stable sort). Differentiable w.r.t. x: the backward sums each token's k rows in the
+    order j = 0..k−1.
+    """
+    _check_float(x, "x", 2)
+    if not isinstance(expert_ids, Tensor) or expert_ids.dim() != 2:
+        raise ValueError(f"expert_ids: expected a 2-D tensor [T, k], got "
+                         f"{list(expert_ids.shape) if isinstance(expert_ids, Tensor) else type(expert_ids).__name__}")
+    _check_index(expert_ids, "expert_ids", (x.shape[0], expert_ids.shape[1]), x.device)
+    if expert_ids.shape[1] == 0:
+        raise ValueError("expert_ids: top_k (its second dimension) must be positive")
+    if not isinstance(num_experts, int) or num_experts <= 0:
+        raise ValueError(f"num_experts: must be a positive int, got {num_experts!r}")
+    offsets, sorted_slot = torch.ops.unif2ace.moe_sort(expert_ids, num_experts)
+    x_sorted = torch.ops.unif2ace.moe_permute(x, sorted_slot, expert_ids.shape[1])
+    return x_sorted, offsets, sorted_slot
+
+
+def moe_combine(y_sorted: Tensor, gates: Tensor, sorted_slot: Tensor) -> Tensor:
+    """y[t] = Σ_j gates[t, j] · y_sorted[pos(t, j)] with pos the inverse of `sorted_slot`, summed in the order
+    j = 0..k−1 in fp32 (fp64 for fp64 rows); y has y_sorted's dtype. gates [T, k] is used in fp32 (fp64).
+    Differentiable w.r.t. y_sorted and gates (grad_gates[t, j] = ⟨dy_t, y_sorted[pos(t, j)]⟩)."""
+    _check_float(y_sorted, "y_sorted", 2)
+    _check_float(gates, "gates", 2)
+    n_tokens, top_k = gates.shape
+    if top_k == 0 or y_sorted.shape[0] != n_tokens * top_k:
+        raise ValueError(f"y_sorted: expected {n_tokens * top_k} rows (gates is [{n_tokens}, {top_k}]), "
+                         f"got {y_sorted.shape[0]}")
+    if gates.device != y_sorted.device:
+        raise ValueError(f"gates: must be on {y_sorted.device}, got {gates.device}")
+    _check_index(sorted_slot, "sorted_slot", (n_tokens * top_k,), y_sorted.device)
+    return torch.ops.unif2ace.moe_unpermute(y_sorted, gates.to(_acc_dtype(y_sorted)), sorted_slot, top_k)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Expert MLPs over the expert-sorted rows
+# ----------------------------------------------------------------------------------------------------------
+_ACTIVATIONS = ("gelu_tanh", "gelu")
+
+
+def _act(h: Tensor, activation: str) -> Tensor:
+    return F.gelu(h, approximate="tanh" if activation == "gelu_tanh" else "none")
+
+
+def _act_backward(grad: Tensor, h: Tensor, activation: str) -> Tensor:
+    return torch.ops.aten.gelu_backward(grad, h, approximate="tanh" if activation == "gelu_tanh" else "none")
+
+
+class _GroupedMLP(torch.autograd.Function):
+    """Per-expert 2-matrix MLPs over contiguous row ranges. Saves only the pre-activation [N, F] (the activation is
+    recomputed in the backward) and writes every weight gradient straight into its slice of the stacked gradient."""
+
+    @staticmethod
+    def forward(ctx, x, bounds, activation, w1, b1, w2, b2):
+        n, f = x.shape[0], w1.shape[1]
+        pre = x.new_zeros(n, f) if bounds[-1][1] < n else x.new_empty(n, f)
+        out = x.new_zeros(n, w2.shape[1]) if bounds[-1][1] < n else x.new_empty(n, w2.shape[1])
+        for e, (a, b) in enumerate(bounds):
+            if b == a:
+                continue
+            torch.addmm(b1[e], x[a:b], w1[e].t(), out=pre[a:b])
+            torch.addmm(b2[e], _act(pre[a:b], activation), w2[e].t(), out=out[a:b])
+        ctx.bounds, ctx.activation = bounds, activation
+        ctx.save_for_backward(x, pre, w1, w2)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, pre, w1, w2 = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        gx = torch.zeros_like(x)
+        gw1, gw2 = torch.zeros_like(w1), torch.zeros_like(w2)
+        gb1 = w1.new_zeros(w1.shape[0], w1.shape[1])
+        gb2 = w2.new_zeros(w2.shape[0], w2.shape[1])
+        for e, (a, b) in enumerate(ctx.bounds):
+            if b == a:
+                continue
+            dy, h = grad_out[a:b], pre[a:b]
+            torch.mm(dy.t(), _act(h, ctx.activation), out=gw2[e])
+            torch.sum(dy, 0, out=gb2[e])
+            dh = _act_backward(torch.mm(dy, w2[e]), h, ctx.activation)
+            torch.mm(dh.t(), x[a:b], out=gw1[e])
+            torch.sum(dh, 0, out=gb1[e])
+            torch.mm(dh, w1[e], out=gx[a:b])
+        return gx, None, None, gw1, gb1, gw2, gb2
+
+
+def grouped_mlp(
+    x_sorted: Tensor,
+    expert_offsets: Tensor,
+    w1: Tensor,
+    b1: Tensor,
+    w2: Tensor,
+    b2: Tensor,
+    activation: str = "gelu_tanh",
+) -> Tensor:
+    """Expert e's MLP `act(x @ w1[e]ᵀ + b1[e]) @ w2[e]ᵀ + b2[e]` on its rows expert_offsets[e] : expert_offsets[e+1]
+    of `x_sorted [N, H]`. w1 [NE, F, H], b1 [NE, F], w2 [NE, H_out, F], b2 [NE, H_out]. Rows past
+    expert_offsets[-1] (slots whose expert id was invalid, possible on CUDA only) come out as zeros.
+
+    The slicing reads expert_offsets on the host: free on the CPU, one device-to-host synchronisation per call on
+    CUDA (the only one in the MoE path; torch._grouped_mm would remove it on sm90 bf16, but its CPU path is slower
+    than this loop and its CPU backward fails for these layouts in torch 2.13).
+    """
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {activation!r}")
+    n_exp = w1.shape[0]
+    if expert_offsets.shape != (n_exp + 1,):
+        raise ValueError(f"expert_offsets: expected shape [{n_exp + 1}], got {list(expert_offsets.shape)}")
+    offs = expert_offsets.tolist()  # host read (a sync on CUDA), see the docstring
+    if offs[0] != 0 or offs[-1] > x_sorted.shape[0] or any(a > b for a, b in zip(offs[:-1], offs[1:])):
+        raise ValueError(f"expert_offsets: must rise from 0 to at most the number of rows ({x_sorted.shape[0]}), "
+                         f"got {offs}")
+    bounds = tuple(zip(offs[:-1], offs[1:]))
+    return _GroupedMLP.apply(x_sorted.contiguous(), bounds, activation, w1, b1, w2, b2)
+
+
+def balance_loss(expert_counts: Tensor, router_prob_mean: Tensor, num_groups: int) -> Tensor:
+    """Σ_g E·Σ_e f_e·P_e (DESIGN §5): f_e = expert_counts / (the group's routed (token, slot) pairs),
+    P_e = router_prob_mean. A group without tokens contributes 0. Differentiable through router_prob_mean."""
+    counts = expert_counts.view(num_groups, -1).to(router_prob_mean.dtype)
+    n_experts = counts.shape[1]
+    frac = counts / counts.sum(1, keepdim=True).clamp(min=1)
+    return n_experts * (frac * router_prob_mean.view(num_groups, -1)).sum()
