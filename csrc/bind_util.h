@@ -165,6 +165,7 @@ inline void raise_if_error(const Status& s) {
 // Family registration functions, each defined in csrc/bind_<family>.cpp.
 void bind_loss(py::module_& m);
 void bind_moe(py::module_& m);
+void bind_sampling(py::module_& m);
 
 }  // namespace bind
 }  // namespace unif2ace

@@ -22,4 +22,5 @@ PYBIND11_MODULE(_C, m) {
       "Number of CUDA devices the core can use; raises RuntimeError saying why when it can use none.");
   unif2ace::bind::bind_loss(m);
   unif2ace::bind::bind_moe(m);
+  unif2ace::bind::bind_sampling(m);
 }

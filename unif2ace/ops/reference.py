@@ -149,3 +149,139 @@ def balance_loss(expert_counts: torch.Tensor, router_prob_mean: torch.Tensor, nu
     counts = expert_counts.view(num_groups, -1).to(router_prob_mean.dtype)
     frac = counts / counts.sum(1, keepdim=True).clamp(min=1)
     return counts.shape[1] * (frac * router_prob_mean.view(num_groups, -1)).sum()
+
+# Sampling (DESIGN §6): the eager Show-o-style MaskGIT step and next-token sampling
+# ----------------------------------------------------------------------------------------------------------
+MASKGIT_SCHEDULES = ("cosine", "linear")
+
+
+def mask_ratio(r: float, schedule: str = "cosine") -> float:
+    """γ(r): the fraction of the N tokens that stays masked after a step at progress r = (s+1)/S."""
+    if schedule == "cosine":
+        return math.cos(math.pi / 2 * r)
+    if schedule == "linear":
+        return 1.0 - r
+    raise ValueError(f"schedule must be one of {MASKGIT_SCHEDULES}, got {schedule!r}")
+
+
+def maskgit_step_scalars(
+    num_tokens: int, step: int, num_steps: int, temperature: float, choice_temperature: float, schedule: str
+) -> dict:
+    """The per-step scalars shared by the kernels and the reference: n_base = floor(N·γ(r)), the confidence
+    noise scale τ·(1−r), 1/T and whether this is the last step."""
+    r = (step + 1) / num_steps
+    return {
+        "n_base": int(math.floor(num_tokens * mask_ratio(r, schedule))),
+        "noise_scale": float(choice_temperature) * (1.0 - r),
+        "inv_temperature": 1.0 / float(temperature),
+        "last_step": step == num_steps - 1,
+    }
+
+
+def remask_counts(masked: torch.Tensor, n_base: int, last_step: bool) -> torch.Tensor:
+    """n = max(1, min(#masked − 1, n_base)) per row before the last step; 0 at the last step or when nothing
+    is masked."""
+    if last_step:
+        return torch.zeros_like(masked)
+    n = torch.clamp(torch.clamp(masked - 1, max=n_base), min=1)
+    return torch.where(masked > 0, n, torch.zeros_like(n))
+
+
+def maskgit_step(
+    cond_logits: torch.Tensor,
+    tokens: torch.Tensor,
+    step: int,
+    num_steps: int,
+    *,
+    mask_id: int,
+    uncond_logits: torch.Tensor | None = None,
+    guidance_scale: float = 0.0,
+    temperature: float = 1.0,
+    choice_temperature: float = 1.0,
+    schedule: str = "cosine",
+    uniform: torch.Tensor | None = None,
+    gumbel: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    return_confidence: bool = False,
+):
+    """One MaskGIT step the way Show-o writes it: guidance, softmax over the full [B, N, K] matrix, a draw for
+    every position, gather, and a full sort of the confidences per row.
+
+    `uniform [B, N]` (float64 in [0, 1)) and `gumbel [B, N]` (fp32) replace the random draws; with
+    `philox_noise((B, N), seed, offset, kind=...)` they are exactly the noise the kernels use, so the two agree
+    token for token (the draw is the inverse CDF: the first k with cdf_k > uniform). Without them the draw is
+    torch.multinomial and torch.rand, as in Show-o. Returns (new_tokens, sampled[, confidence])."""
+    B, N, K = cond_logits.shape
+    s = maskgit_step_scalars(N, step, num_steps, temperature, choice_temperature, schedule)
+    z = cond_logits.float()
+    if guidance_scale != 0:
+        z = z + guidance_scale * (z - uncond_logits.float())
+    z = z * torch.tensor(s["inv_temperature"], dtype=torch.float32)
+    logp = torch.log_softmax(z.double(), dim=-1)
+    probs = logp.exp()
+    if uniform is None:
+        draw = torch.multinomial(probs.view(-1, K), 1, generator=generator).view(B, N)
+    else:
+        cdf = probs.cumsum(-1)
+        target = (uniform.double().to(cdf.device) * cdf[..., -1]).unsqueeze(-1)
+        draw = torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp(max=K - 1)
+    unknown = tokens == mask_id
+    sampled = torch.where(unknown, draw, tokens)
+    if gumbel is None:
+        u = torch.rand(B, N, generator=generator, dtype=torch.float64).clamp(1e-20, 1 - 1e-16)
+        gumbel = -torch.log(-torch.log(u))
+    conf = logp.gather(-1, torch.where(unknown, draw, torch.zeros_like(draw)).unsqueeze(-1)).squeeze(-1)
+    conf = (conf + s["noise_scale"] * gumbel.double().to(conf.device)).float()
+    conf = torch.where(unknown, conf, torch.full_like(conf, math.inf))
+    n = remask_counts(unknown.sum(-1), s["n_base"], s["last_step"])
+    order = torch.sort(conf, dim=-1, stable=True).indices        # full sort, as Show-o
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(N, device=order.device).expand(B, N))
+    remask = rank < n[:, None]
+    new_tokens = torch.where(remask, torch.full_like(sampled, mask_id), sampled)
+    if return_confidence:
+        return new_tokens, sampled, conf
+    return new_tokens, sampled
+
+
+def next_token_allowed(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
+    """The tokens that top-k then top-p keep (ties at either threshold kept), and the fp64 probabilities of
+    softmax(z / T). Returns (allowed [B, V] bool, probs [B, V])."""
+    z = logits.float() * torch.tensor(1.0 / temperature, dtype=torch.float32)
+    probs = torch.softmax(z.double(), dim=-1)
+    V = z.shape[-1]
+    allowed = torch.ones_like(z, dtype=torch.bool)
+    if 0 < top_k < V:
+        kth = torch.topk(z, top_k, dim=-1).values[..., -1:]
+        allowed &= z >= kth
+    if top_p < 1.0:
+        p = torch.where(allowed, probs, torch.zeros_like(probs))
+        p = p / p.sum(-1, keepdim=True)
+        desc = torch.sort(z, dim=-1, descending=True)
+        cum = torch.cat([torch.zeros_like(p[..., :1]), p.gather(-1, desc.indices).cumsum(-1)], -1)
+        # mass of the tokens strictly above each token's logit
+        n_above = torch.searchsorted(-desc.values, -z, side="left")
+        mass_above = cum.gather(-1, n_above)
+        allowed &= mass_above < top_p
+    return allowed, probs
+
+
+def sample_next_token(
+    logits: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    uniform: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Temperature / top-k / top-p sampling with a full sort (the HF-style eager way). `uniform [B]` (float64)
+    replaces the draw: the first allowed k whose renormalised cdf exceeds it (as the kernels)."""
+    if temperature == 0 or top_k == 1:
+        return torch.argmax(logits.float(), dim=-1)
+    allowed, probs = next_token_allowed(logits, temperature, top_k, top_p)
+    p = torch.where(allowed, probs, torch.zeros_like(probs))
+    if uniform is None:
+        return torch.multinomial(p, 1, generator=generator).squeeze(-1)
+    cdf = p.cumsum(-1)
+    target = (uniform.double().to(cdf.device) * cdf[..., -1]).unsqueeze(-1)
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp(max=logits.shape[-1] - 1)
