@@ -150,6 +150,8 @@ def balance_loss(expert_counts: torch.Tensor, router_prob_mean: torch.Tensor, nu
     frac = counts / counts.sum(1, keepdim=True).clamp(min=1)
     return counts.shape[1] * (frac * router_prob_mean.view(num_groups, -1)).sum()
 
+
+# ----------------------------------------------------------------------------------------------------------
 # Sampling (DESIGN §6): the eager Show-o-style MaskGIT step and next-token sampling
 # ----------------------------------------------------------------------------------------------------------
 MASKGIT_SCHEDULES = ("cosine", "linear")
