@@ -4,3 +4,12 @@ from unif2ace import ops
 
 __version__ = "0.1.0"
 __all__ = ["WITH_CUDA", "ops", "__version__"]
+
+
+def __getattr__(name):
+    # unif2ace.FacePipeline, imported on first use (it pulls in the model, tokenizers and data modules)
+    if name == "FacePipeline":
+        from unif2ace.pipeline import FacePipeline
+
+        return FacePipeline
+    raise AttributeError(f"module 'unif2ace' has no attribute {name!r}")
