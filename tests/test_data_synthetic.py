@@ -178,3 +178,9 @@ def test_write_dataset(tmp_path):
     # same seed -> same files
     syn.write_synthetic_dataset(str(tmp_path / "again"), 40, resolution=32, seed=1, progress=False)
     assert open(tmp_path / "again" / "index.jsonl").read() == open(index).read()
+
+
+def test_cli(tmp_path, capsys):
+    syn.main([str(tmp_path), "--num-images", "3", "--resolution", "16", "--quiet"])
+    assert capsys.readouterr().out.strip().endswith("index.jsonl")
+    assert len(open(tmp_path / "index.jsonl").readlines()) == 3
