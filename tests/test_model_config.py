@@ -3,7 +3,6 @@ import json
 import pytest
 import torch
 
-import test_model_helpers  # noqa: F401  (temporary stand-ins until the moe/sampling branches land)
 from unif2ace.model import UniF2aceConfig, UniF2aceModel
 
 

@@ -1,7 +1,6 @@
 import pytest
 import torch
 
-import test_model_helpers  # noqa: F401  (temporary stand-ins until the moe/sampling branches land)
 from unif2ace.model import UniF2aceConfig, UniF2aceModel, build_batch, mask_image_tokens
 from unif2ace.model.attention import KVCache
 
@@ -52,14 +51,16 @@ def test_backends_agree(images):
         torch.manual_seed(0)  # the Noise expert draws from the global generator
         out = m(batch)
         out.loss.backward()
-        outs.append((out, {n: p.grad for n, p in m.named_parameters() if p.grad is not None}))
+        # An unchosen expert may get a zero gradient from one backend and none from the other: compare as zeros.
+        outs.append((out, {n: p.grad if p.grad is not None else torch.zeros_like(p)
+                           for n, p in m.named_parameters() if p.requires_grad}))
     (ok, gk), (orf, gr) = outs
     torch.testing.assert_close(ok.loss, orf.loss, rtol=1e-5, atol=1e-5)
     for k in ok.parts:
         torch.testing.assert_close(ok.parts[k], orf.parts[k], rtol=1e-5, atol=1e-5)
     assert gk.keys() == gr.keys()
     for n in gk:
-        torch.testing.assert_close(gk[n], gr[n], rtol=1e-4, atol=1e-6, msg=n)
+        torch.testing.assert_close(gk[n], gr[n], rtol=1e-4, atol=1e-5, msg=n)
 
 
 def test_every_trainable_parameter_gets_a_gradient():
@@ -79,7 +80,7 @@ def test_overfits_a_handful_of_samples():
     torch.manual_seed(0)
     model = UniF2aceModel(CFG)
     batch = make_batch(2, n_und=2, n_gen=2)
-    opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
+    opt = torch.optim.AdamW(model.trainable_parameters(), lr=3e-3)
     first = None
     for _ in range(20):
         torch.manual_seed(0)
@@ -90,7 +91,7 @@ def test_overfits_a_handful_of_samples():
         first = first or {k: v.item() for k, v in out.parts.items()}
     last = {k: v.item() for k, v in out.parts.items()}
     assert last["text"] < 0.2 * first["text"], (first, last)
-    assert last["image"] < 0.6 * first["image"], (first, last)
+    assert last["image"] < 0.5 * first["image"], (first, last)
 
 
 def test_kv_cache_matches_full_forward():
@@ -128,7 +129,7 @@ def test_kv_cache_matches_full_forward():
 
 def test_generate_text_greedy_matches_uncached_loop():
     torch.manual_seed(0)
-    model = UniF2aceModel(CFG)
+    model = UniF2aceModel(CFG).eval()
     prompts = [[5, 6, 7], [9]]
     codes = torch.randint(0, K, (2, N))
     got = model.generate_text(prompts, max_new_tokens=6, temperature=0, image_codes=codes)
@@ -177,3 +178,16 @@ def test_generate_images(guidance):
     assert ((a >= 0) & (a < K)).all()
     assert torch.equal(a, model.generate_images(prompts, steps=4, guidance_scale=guidance, seed=3))
     assert not torch.equal(a, model.generate_images(prompts, steps=4, guidance_scale=guidance, seed=4))
+
+
+def test_generation_backends_agree():
+    torch.manual_seed(0)
+    kern = UniF2aceModel(CFG)
+    ref = UniF2aceModel(CFG, backend="reference")
+    ref.load_state_dict(kern.state_dict())
+    prompts = [[1, 2, 3], [4]]
+    kw = dict(steps=3, guidance_scale=1.5, seed=5)
+    assert torch.equal(kern.generate_images(prompts, **kw), ref.generate_images(prompts, **kw))
+    codes = torch.randint(0, K, (2, N))
+    kw = dict(max_new_tokens=4, top_k=50, top_p=0.9, seed=5, image_codes=codes)
+    assert kern.generate_text(prompts, **kw) == ref.generate_text(prompts, **kw)

@@ -1,7 +1,6 @@
 import pytest
 import torch
 
-import test_model_helpers  # noqa: F401  (temporary stand-ins until the moe/sampling branches land)
 from unif2ace.model import UniF2aceConfig, build_batch
 from unif2ace.model.attention import omni_attention_mask
 

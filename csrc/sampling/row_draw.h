@@ -2,6 +2,7 @@
 // the order-preserving integer key of a float, and the per-sequence re-mask count.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #include "unif2ace/common.h"
@@ -15,13 +16,9 @@ namespace detail {
 constexpr float kMassScale = 1073741824.0f;        // 2^30
 constexpr float kInvMassScale = 9.3132257461547852e-10f;  // 2^-30
 
-// round(e · 2^30) for e in [0, 1] (e · 2^30 is exact; below 2^23 adding 0.5 is exact too, above it the
-// value is already an integer).
-U2A_HD uint32_t mass_of(float e) {
-  float x = e * kMassScale;
-  x = x < 8388608.0f ? x + 0.5f : x;
-  return static_cast<uint32_t>(static_cast<int32_t>(x));
-}
+// round-half-even(e · 2^30) for e in [0, 1] (e · 2^30 is exact; rintf rounds in the default mode on both
+// sides and compiles to a vector round on the host).
+U2A_HD uint32_t mass_of(float e) { return static_cast<uint32_t>(static_cast<int32_t>(rintf(e * kMassScale))); }
 
 // log of the normaliser Σ e_k = Q · 2^-30 (Q >= 2^30 whenever the row has a finite maximum).
 U2A_HD float log_norm(uint64_t q_total) {

@@ -9,7 +9,12 @@
 #include <cstdint>
 #include <limits>
 #include <string>
+#include <type_traits>
 #include <vector>
+
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
 
 #include "row_draw.h"
 #include "unif2ace/philox.h"
@@ -21,32 +26,63 @@ namespace {
 
 using detail::mass_of;
 
-// Loads a row (guided if `uncond` is non-null) scaled by inv_t into buf; returns the max and counts NaN / +inf.
+// 1 when z is NaN or +inf (an integer test on the bits, so the loops below vectorise).
+inline uint32_t nan_or_pos_inf(float z) {
+  const uint32_t b = float_to_bits(z);
+  return static_cast<uint32_t>(((b & 0x7fffffffu) > 0x7f800000u) | (b == 0x7f800000u));
+}
+
+// Loads a row (guided if `uncond` is non-null) scaled by inv_t into buf; returns the max and flags NaN / +inf.
 template <typename T>
 float load_row(const T* cond, const T* uncond, float g, float inv_t, int64_t k_count, float* buf, int* bad) {
   float m = -INFINITY;
-  int nonfinite = 0;
+  uint32_t nonfinite = 0;
   if (uncond != nullptr) {
-#pragma omp simd reduction(max : m) reduction(+ : nonfinite)
+#pragma omp simd reduction(max : m) reduction(| : nonfinite)
     for (int64_t k = 0; k < k_count; ++k) {
       const float c = widen(cond[k]);
       const float d = c - widen(uncond[k]);
       const float z = fmaf(g, d, c) * inv_t;
       buf[k] = z;
-      m = std::fmax(m, z);
-      nonfinite += static_cast<int>((z != z) | (z == INFINITY));
+      m = m > z ? m : z;
+      nonfinite |= nan_or_pos_inf(z);
     }
   } else {
-#pragma omp simd reduction(max : m) reduction(+ : nonfinite)
+#pragma omp simd reduction(max : m) reduction(| : nonfinite)
     for (int64_t k = 0; k < k_count; ++k) {
       const float z = widen(cond[k]) * inv_t;
       buf[k] = z;
-      m = std::fmax(m, z);
-      nonfinite += static_cast<int>((z != z) | (z == INFINITY));
+      m = m > z ? m : z;
+      nonfinite |= nan_or_pos_inf(z);
     }
   }
   *bad = nonfinite != 0 || !(m > -INFINITY);
   return m;
+}
+
+// fp16 rows: converted to fp32 first (F16C when the CPU has it: exact, like the scalar conversion, and much
+// faster than the bit-twiddling one, which does not vectorise), then loaded as fp32.
+void f16_row_to_float(const f16_t* src, int64_t n, float* dst) {
+  int64_t k = 0;
+#if defined(__F16C__)
+  for (; k + 8 <= n; k += 8)
+    _mm256_storeu_ps(dst + k, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + k))));
+#endif
+  for (; k < n; ++k) dst[k] = to_float(src[k]);
+}
+
+// load_row for any storage type; `tmp` holds K floats when T is fp16 and the row is guided.
+template <typename T>
+float load_any_row(const T* cond, const T* uncond, float g, float inv_t, int64_t k_count, float* buf, float* tmp,
+                   int* bad) {
+  if constexpr (std::is_same_v<T, f16_t>) {
+    f16_row_to_float(cond, k_count, buf);
+    if (uncond != nullptr) f16_row_to_float(uncond, k_count, tmp);
+    return load_row<float>(buf, uncond ? tmp : nullptr, g, inv_t, k_count, buf, bad);
+  } else {
+    (void)tmp;
+    return load_row(cond, uncond, g, inv_t, k_count, buf, bad);
+  }
 }
 
 // Integer masses q_k of buf (optionally only where key_k >= min_key) into q; returns their exact sum.
@@ -98,6 +134,7 @@ Status maskgit_typed(const T* cond, const T* uncond, const int64_t* tokens, cons
 #pragma omp parallel
   {
     std::vector<float> buf(static_cast<size_t>(K));
+    std::vector<float> tmp(std::is_same_v<T, f16_t> && uncond != nullptr ? static_cast<size_t>(K) : 0);
     std::vector<uint32_t> q(static_cast<size_t>(K));
 #pragma omp for schedule(dynamic, 4)
     for (int64_t i = 0; i < rows; ++i) {
@@ -107,8 +144,8 @@ Status maskgit_typed(const T* cond, const T* uncond, const int64_t* tokens, cons
         continue;
       }
       int bad = 0;
-      const float m = load_row(cond + i * K, uncond ? uncond + i * K : nullptr, p.guidance_scale,
-                               p.inv_temperature, K, buf.data(), &bad);
+      const float m = load_any_row(cond + i * K, uncond ? uncond + i * K : nullptr, p.guidance_scale,
+                                   p.inv_temperature, K, buf.data(), tmp.data(), &bad);
       const philox::Block blk = philox::stream_block(p.seed, p.offset, static_cast<uint64_t>(i));
       if (bad) {
         sampled[i] = 0;
@@ -194,8 +231,8 @@ Status next_token_typed(const T* logits, const NextTokenParams& p, int64_t* out)
 #pragma omp for schedule(dynamic, 1)
     for (int64_t b = 0; b < p.batch; ++b) {
       int bad = 0;
-      const float m = load_row(logits + b * V, static_cast<const T*>(nullptr), 0.0f,
-                               p.greedy ? 1.0f : p.inv_temperature, V, buf.data(), &bad);
+      const float m = load_any_row(logits + b * V, static_cast<const T*>(nullptr), 0.0f,
+                                   p.greedy ? 1.0f : p.inv_temperature, V, buf.data(), nullptr, &bad);
       if (bad) {
         out[b] = 0;
 #pragma omp critical(unif2ace_next_token_bad)

@@ -67,6 +67,7 @@ class UniF2aceConfig:
     clip_embed_dim: int = 512
     face_embed_dim: int = 512
     noise_dim: int = 64
+    resampler_hidden_size: int = 256  # S(f) = Linear(D → this) → GELU → Linear(→ hidden_size)
     # "delta": x ← x + (SeqMoE(LN(x)) − LN(x))  (Copy experts leave the block exactly a Phi block; the default)
     # "add":   x ← x + SeqMoE(LN(x))           (MoE++-style; a Copy expert adds the normalised stream)
     seq_moe_residual: str = "delta"
@@ -197,8 +198,9 @@ class UniF2aceConfig:
                  per group 8 routed experts of FFN 512 + a shared expert of FFN 1,536 (top-4). Per layer the
                  token MoE holds 2 × (8·2·2048·512 + 2·2048·1536) ≈ 46.2M weights against Phi's dense 33.6M;
                  with the 58,498-row embedding and head (2 × 119.8M), attention (24 × 16.8M) and the sequence-MoE
-                 resamplers, the total is ~1.8B (test_model_config checks 1.8B ± 0.1B on the meta device).
-                 A shared FFN of 2,048 would give ~1.9B, at the edge of the target, hence 1,536.
+                 resamplers (3 per layer, D → 256 → 2048: 24 × 1.9M) the total is 1.80B (test_model_config checks
+                 1.8B ± 0.1B on the meta device). A shared FFN of 2,048 would give ~1.9B, at the edge of the
+                 target, hence 1,536; resamplers of inner width 2,048 would add another ~0.3B.
         """
         if name == "paper":
             cfg = cls()
@@ -207,13 +209,13 @@ class UniF2aceConfig:
                       text_vocab_size=4096, sot_token_id=4095, eot_token_id=4095, codebook_size=1024,
                       num_image_tokens=64, image_size=128, experts_per_group=8, moe_top_k=4,
                       expert_hidden_size=256, shared_hidden_size=512, clip_embed_dim=128, face_embed_dim=128,
-                      noise_dim=32)
+                      noise_dim=32, resampler_hidden_size=128)
         elif name == "tiny":
             cfg = cls(num_layers=2, hidden_size=128, num_heads=4, rotary_dim=16, max_position_embeddings=256,
                       text_vocab_size=1024, sot_token_id=1023, eot_token_id=1023, codebook_size=256,
                       num_image_tokens=16, image_size=64, experts_per_group=4, moe_top_k=2,
                       expert_hidden_size=128, shared_hidden_size=256, clip_embed_dim=64, face_embed_dim=64,
-                      noise_dim=16)
+                      noise_dim=16, resampler_hidden_size=64)
         else:
             raise ValueError(f"unknown preset {name!r}; choose 'tiny', 'small' or 'paper'")
         return cfg.replace(**overrides) if overrides else cfg

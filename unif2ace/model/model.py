@@ -47,6 +47,7 @@ from unif2ace.ops import reference
 
 ENCODER_PREFIXES = ("clip_encoder.", "face_encoder.")
 _CLIP_SEED, _FACE_SEED = 1001, 1002
+MIX_LOGIT_INIT = 3.0  # initial logit of w (the input's share) in the mixing sequence experts
 
 
 @dataclass
@@ -73,13 +74,14 @@ class Block(nn.Module):
         self.seq_moe = GroupedSequenceMoE(
             c.hidden_size, groups=c.seq_experts, top_k=c.seq_top_k,
             embedding_dims={"clip": c.clip_embed_dim, "face": c.face_embed_dim}, noise_dim=c.noise_dim,
-            backend=c.backend,
+            resampler_hidden=c.resampler_hidden_size, backend=c.backend,
         )
 
-    def forward(self, x: Tensor, positions: Tensor, attn_mask: Tensor, task: Tensor, context_mask: Tensor,
-                embeddings: dict, cache: Optional[KVCache] = None, layer: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, x: Tensor, positions: Tensor, attn_mask: Tensor, padding_mask: Tensor, task: Tensor,
+                context_mask: Tensor, embeddings: dict, cache: Optional[KVCache] = None, layer: int = 0
+                ) -> tuple[Tensor, Tensor, Tensor]:
         h = self.input_layernorm(x)
-        moe_out, token_balance = self.token_moe(h, task)
+        moe_out, token_balance = self.token_moe(h, task, padding_mask)  # pads stay out of the balance statistics
         x = x + self.self_attn(h, positions, attn_mask, cache, layer) + moe_out
         h2 = self.seq_layernorm(x)
         if cache is not None and cache.seq_context[layer] is not None:
@@ -116,8 +118,10 @@ class UniF2aceModel(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Phi/GPT-style init of the modules this file owns (normal(0, 0.02) weights, zero biases, unit norms);
-        the MoE layers keep their own initialisation."""
+        """Phi/GPT-style init of the modules this file owns (normal(0, 0.02) weights, zero biases, unit norms).
+        The MoE layers keep their own initialisation, except that the mixing experts (CLIP/Face/Noise:
+        w·x + (1 − w)·S(f)) start leaning towards their input, w = σ(3) ≈ 0.95, so with the "delta" residual a
+        block starts close to the dense block whatever the sequence router picks (Zero aside)."""
         std = self.config.initializer_range
         if self.embed_tokens.weight.is_meta:
             return
@@ -129,6 +133,8 @@ class UniF2aceModel(nn.Module):
                         block.self_attn.dense):
                 nn.init.normal_(lin.weight, std=std)
                 nn.init.zeros_(lin.bias)
+            for logits in block.seq_moe.mix_logits.values():
+                logits.copy_(torch.tensor([MIX_LOGIT_INIT, 0.0]))
 
     # ------------------------------------------------------------------------------------------------------
     # Parameters
@@ -200,6 +206,7 @@ class UniF2aceModel(nn.Module):
         (causal, all real); `context_mask` is then the prefill's."""
         B, L = input_ids.shape
         device = input_ids.device
+        padding_mask = padding_mask.bool()
         start = cache.length if cache is not None else 0
         positions = torch.arange(start, start + L, device=device)
         if start > 0:
@@ -217,7 +224,7 @@ class UniF2aceModel(nn.Module):
         token_balance = x.new_zeros((), dtype=torch.float32)
         seq_balance = x.new_zeros((), dtype=torch.float32)
         for i, block in enumerate(self.layers):
-            x, tb, sb = block(x, positions, attn_mask, task, context_mask, embeddings, cache, i)
+            x, tb, sb = block(x, positions, attn_mask, padding_mask, task, context_mask, embeddings, cache, i)
             token_balance = token_balance + tb.float()
             seq_balance = seq_balance + sb.float()
         n = max(1, len(self.layers))
@@ -297,13 +304,15 @@ class UniF2aceModel(nn.Module):
         return ids, real
 
     @contextlib.contextmanager
-    def _seeded(self, seed: int):
-        """Seeds torch's global generator for the duration (the sequence MoE's Noise expert draws from it)
-        without disturbing the caller's random state."""
-        device = self.embed_tokens.weight.device
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seed)
+    def _eval_mode(self):
+        """Inference runs in eval mode (the Noise expert then uses f = 0: generation is deterministic given the
+        sampler's seed); the caller's mode is restored afterwards."""
+        was_training = self.training
+        self.eval()
+        try:
             yield
+        finally:
+            self.train(was_training)
 
     @torch.no_grad()
     def generate_images(self, prompt_ids: Sequence[Sequence[int]], *, steps: int = 18, guidance_scale: float = 0.0,
@@ -316,7 +325,6 @@ class UniF2aceModel(nn.Module):
         also runs the unconditional prompt (an empty caption, what caption dropout trains) in the same batch and
         uses z_cond + g·(z_cond − z_uncond). The same seed gives the same codes.
         """
-        self.eval()
         c = self.config
         B, N, K = len(prompt_ids), c.num_image_tokens, c.codebook_size
         prefixes = [generation_prefix(c, p) for p in prompt_ids]
@@ -339,19 +347,29 @@ class UniF2aceModel(nn.Module):
             img = torch.where(tokens == K, c.mask_token_id, tokens + c.image_token_offset)
             ids = input_ids.clone()
             ids[:, P:P + N] = img.repeat(rows // B, 1)
-            with self._seeded(seed):
-                hidden, _, _ = self.transformer(ids, padding_mask, task, context_mask=context,
-                                                embeddings=embeddings, attn_mask=attn_mask)
+            hidden, _, _ = self.transformer(ids, padding_mask, task, context_mask=context, embeddings=embeddings,
+                                            attn_mask=attn_mask)
             logits = F.linear(hidden[:, P:P + N], weight, bias).float()
             return logits.chunk(2) if guidance_scale > 0 else logits
 
         if init_codes is None:
             init_codes = torch.full((B, N), K, dtype=torch.long, device=device)
-        return ops.maskgit_generate(
-            logits_fn, B, N, K, num_steps=steps, mask_id=K, seed=seed, init_tokens=init_codes.to(device),
-            guidance_scale=guidance_scale, temperature=temperature, choice_temperature=choice_temperature,
-            schedule=c.schedule, progress=progress, backend=c.backend,
-        )
+        with self._eval_mode():
+            return ops.maskgit_generate(
+                logits_fn, B, N, K, num_steps=steps, mask_id=K, seed=seed, init_tokens=init_codes.to(device),
+                guidance_scale=guidance_scale, temperature=temperature, choice_temperature=choice_temperature,
+                schedule=c.schedule, progress=progress, backend=c.backend,
+            )
+
+    def _sample_next_token(self, logits: Tensor, temperature: float, top_k: int, top_p: float, seed: int,
+                           step: int) -> Tensor:
+        """The fused sampler, or for the reference backend the eager one fed the same Philox uniforms."""
+        if self.config.backend == "reference":
+            uniform = ops.philox_noise(logits.shape[0], seed, step, kind="uniform", device=logits.device)
+            return reference.sample_next_token(logits, temperature=temperature, top_k=top_k, top_p=top_p,
+                                               uniform=uniform)
+        return ops.sample_next_token(logits, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                                     offset=step)
 
     @torch.no_grad()
     def generate_text(self, prefix_ids: Union[Sequence[Sequence[int]], Tensor], *, max_new_tokens: int = 64,
@@ -367,7 +385,6 @@ class UniF2aceModel(nn.Module):
         `embeddings` feed the CLIP/Face experts (zeros otherwise). Sampling: unif2ace.ops.sample_next_token over
         the text head (text + special tokens), temperature / top_k / top_p, reproducible with `seed`.
         """
-        self.eval()
         c = self.config
         rows = prefix_ids.tolist() if isinstance(prefix_ids, Tensor) else [list(p) for p in prefix_ids]
         if image_codes is not None:
@@ -384,15 +401,14 @@ class UniF2aceModel(nn.Module):
         task = torch.zeros(B, dtype=torch.long, device=device)
         emb = self.image_embeddings(B, device, images, embeddings)
         cache = KVCache(len(self.layers))
-        with self._seeded(seed):
+        with self._eval_mode():
             hidden, _, _ = self.transformer(ids, real, task, context_mask=real, embeddings=emb, cache=cache)
             weight, bias = self.text_head()
             done = torch.zeros(B, dtype=torch.bool, device=device)
             out = []
             for step in range(max_new_tokens):
                 logits = F.linear(hidden[:, -1], weight, bias).float()
-                token = ops.sample_next_token(logits, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                                              offset=step)
+                token = self._sample_next_token(logits, temperature, top_k, top_p, seed, step)
                 token = torch.where(done, torch.full_like(token, c.pad_token_id), token)
                 out.append(token)
                 done = done | (token == c.eot_token_id)

@@ -335,7 +335,8 @@ class GroupedSequenceMoE(nn.Module):
         return feats
 
     def _mix(self, g: int, e: int) -> tuple[Tensor, str]:
-        w = torch.softmax(self.mix_logits[f"{g}_{e}"].float(), 0)[0]
+        logits = self.mix_logits[f"{g}_{e}"]
+        w = torch.softmax(logits.to(torch.float64 if logits.dtype == torch.float64 else torch.float32), 0)[0]
         return w, self.groups[g][e]
 
     def forward(

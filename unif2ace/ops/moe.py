@@ -377,12 +377,16 @@ class _GroupedMLP(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, pre, w1, w2 = ctx.saved_tensors
         grad_out = grad_out.contiguous()
-        gx = torch.zeros_like(x)
-        gw1, gw2 = torch.zeros_like(w1), torch.zeros_like(w2)
-        gb1 = w1.new_zeros(w1.shape[0], w1.shape[1])
-        gb2 = w2.new_zeros(w2.shape[0], w2.shape[1])
+        # Every row and every expert with tokens is written below; only the rest is zeroed.
+        gx = torch.empty_like(x)
+        gx[ctx.bounds[-1][1]:].zero_()
+        gw1, gw2 = torch.empty_like(w1), torch.empty_like(w2)
+        gb1 = w1.new_empty(w1.shape[0], w1.shape[1])
+        gb2 = w2.new_empty(w2.shape[0], w2.shape[1])
         for e, (a, b) in enumerate(ctx.bounds):
             if b == a:
+                for g in (gw1, gw2, gb1, gb2):
+                    g[e].zero_()
                 continue
             dy, h = grad_out[a:b], pre[a:b]
             torch.mm(dy.t(), _act(h, ctx.activation), out=gw2[e])

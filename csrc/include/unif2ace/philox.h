@@ -132,9 +132,10 @@ U2A_HD float log_pos(float x) {
   return head + y;
 }
 
-// exp(x) for x <= 0, about 2 ulp on [-32, 0], exactly 0 below -32 (the sampling kernels only need
-// e^(z - max) down to the 2^-31 quantisation of their integer masses). Bit-identical on host and device and
-// vectorisable on the host (no branches, no libm). Cephes' expf polynomial, written with explicit fmaf.
+// exp(x) for x <= 0, about 2 ulp on [-32, 0]; x below -32 (and -inf) is clamped to -32 (e^-32 ≈ 1.3e-14: the
+// sampling kernels only need e^(z - max) down to the 2^-31 quantisation of their integer masses, where both
+// round to 0). Bit-identical on host and device and branch-free, so it vectorises on the host (no libm).
+// Cephes' expf polynomial, written with explicit fmaf.
 U2A_HD float exp_nonpos(float x) {
   const float xc = x < -32.0f ? -32.0f : x;
   // n = round(x / ln2) by the 1.5·2^23 trick (x / ln2 is within [-47, 0], so this is exact rounding).
@@ -153,8 +154,7 @@ U2A_HD float exp_nonpos(float x) {
   p = p + 1.0f;
   const int32_t ni = static_cast<int32_t>(n);
   const float scale = bits_to_float(static_cast<uint32_t>(ni + 127) << 23);
-  const float out = p * scale;
-  return x < -32.0f ? 0.0f : out;
+  return p * scale;
 }
 
 // The Gumbel(0, 1) draw of a noise block: −log(−log(u(x2))).

@@ -1,0 +1,192 @@
+"""Grouped MoE, forward + backward, every variant in a fresh process (peak memory = its own max RSS above the
+inputs on the CPU; max allocated on CUDA).
+
+(a) routing: gate + dispatch + combine (identity experts, so only the routing is timed) — the fused ops against
+    the eager code a user would write (masked softmax, topk, renormalise, bincount, stable argsort,
+    index_select, index_add_);
+(b) the whole GroupedTokenMoE layer (2 groups × 8 experts + shared experts, top-4): backend="kernels" against
+    backend="reference" (the per-expert loop), plus the largest difference between their outputs and input
+    gradients.
+
+    python -m benchmarks.bench_moe                  # T=8192 H=512 F=256, fp32 and bf16, this CPU
+    python -m benchmarks.bench_moe --tokens 2048 --repeat 2
+On CUDA (when present) the default sizes are T=16384, H=2048, F=1024.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+from benchmarks.harness import format_table, machine_line, measure_in_child, mib, ms, report, run_isolated
+
+ROUTING = ("eager", "kernels")
+LAYER = ("reference", "kernels")
+
+
+def eager_routing(x, logits, gid, num_groups, top_k):
+    """The routing a user writes in plain PyTorch; returns (y, balance loss) like the fused path."""
+    n_tokens, ne = logits.shape
+    n_experts = ne // num_groups
+    col_group = torch.arange(ne, device=logits.device) // n_experts
+    probs = torch.softmax(logits.float().masked_fill(col_group[None, :] != gid[:, None], float("-inf")), dim=-1)
+    gates, ids = probs.topk(top_k, dim=-1)
+    gates = gates / gates.sum(-1, keepdim=True)
+    counts = torch.bincount(ids.flatten(), minlength=ne)
+    group_tokens = torch.bincount(gid, minlength=num_groups)
+    prob_mean = probs.sum(0) / group_tokens[col_group].clamp(min=1)
+    order = ids.flatten().argsort(stable=True)
+    token = order // top_k
+    x_sorted = x.index_select(0, token)
+    y_sorted = x_sorted  # identity experts: only the routing is measured
+    y = torch.zeros_like(x).index_add_(0, token, y_sorted * gates.flatten()[order, None].to(x.dtype))
+    frac = counts.view(num_groups, -1).float()
+    frac = frac / frac.sum(1, keepdim=True).clamp(min=1)
+    aux = n_experts * (frac * prob_mean.view(num_groups, -1)).sum()
+    return y, aux
+
+
+def kernel_routing(x, logits, gid, num_groups, top_k):
+    from unif2ace import ops
+
+    gates, ids, counts, prob_mean = ops.moe_gate(logits, gid, num_groups=num_groups, top_k=top_k)
+    x_sorted, _, sorted_slot = ops.moe_dispatch(x, ids, logits.shape[1])
+    y = ops.moe_combine(x_sorted, gates, sorted_slot)
+    return y, ops.balance_loss(counts, prob_mean, num_groups)
+
+
+def _layer(args, device, dtype):
+    from unif2ace.nn import GroupedTokenMoE
+
+    torch.manual_seed(0)
+    m = GroupedTokenMoE(args.hidden, args.expert_hidden, num_groups=2, experts_per_group=args.experts,
+                        top_k=args.top_k, shared_expert=True).to(device=device, dtype=dtype)
+    with torch.no_grad():
+        m.router.normal_(0, 0.1)
+    batch = max(1, args.tokens // 1024)
+    x = torch.randn(batch, args.tokens // batch, args.hidden, device=device).to(dtype).requires_grad_()
+    gid = (torch.arange(batch, device=device) % 2)
+    return m, x, gid
+
+
+def _measure(step, args):
+    """measure_in_child plus the median process CPU time of the timed calls (wall time alone is misleading on a
+    shared, oversubscribed machine)."""
+    cpu_times = []
+
+    def timed():
+        t0 = time.process_time()
+        step()
+        cpu_times.append(time.process_time() - t0)
+
+    result = measure_in_child(timed, warmup=1, repeat=args.repeat, device=args.device)
+    result["cpu_s"] = statistics.median(cpu_times[-args.repeat:])
+    return result
+
+
+def child(args) -> None:
+    device, dtype = args.device, getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    if args.part == "routing":
+        ne = 2 * args.experts
+        x = torch.randn(args.tokens, args.hidden, device=device).to(dtype).requires_grad_()
+        logits = torch.randn(args.tokens, ne, device=device).to(dtype).requires_grad_()
+        gid = torch.randint(0, 2, (args.tokens,), device=device)
+        dy = torch.randn(args.tokens, args.hidden, device=device).to(dtype)
+        fn = kernel_routing if args.variant == "kernels" else eager_routing
+
+        def step(n=args.tokens):
+            x.grad = logits.grad = None
+            y, aux = fn(x[:n], logits[:n], gid[:n], 2, args.top_k)
+            ((y * dy[:n]).sum() + aux).backward()
+
+        step(64)  # one-time costs (library imports, op registration) stay out of the memory baseline
+        report(_measure(step, args))
+        return
+
+    m, x, gid = _layer(args, device, dtype)
+    dy = torch.randn_like(x)
+    if args.variant == "check":
+        out = {}
+        for backend in LAYER:
+            m.zero_grad(set_to_none=True)
+            x.grad = None
+            y, aux = m(x, gid, backend=backend)
+            ((y * dy).sum() + aux).backward()
+            out[backend] = (y.detach().float(), x.grad.float(), m.w1.grad.float())
+        diffs = [((a - b).abs().max() / b.abs().max()).item() for a, b in zip(out["kernels"], out["reference"])]
+        report({"y_rel": diffs[0], "grad_x_rel": diffs[1], "grad_w1_rel": diffs[2]})
+        return
+
+    def step(n=x.shape[1]):
+        m.zero_grad(set_to_none=True)
+        x.grad = None
+        y, aux = m(x[:, :n], gid, backend=args.variant)
+        ((y * dy[:, :n]).sum() + aux).backward()
+
+    step(16)  # one-time costs (library imports, op registration) stay out of the memory baseline
+    m.zero_grad(set_to_none=True)
+    x.grad = None
+    report(_measure(step, args))
+
+
+def _child_args(args, part, variant, dtype):
+    return ["--child", "--part", part, "--variant", variant, "--dtype", dtype, "--device", args.device,
+            "--tokens", str(args.tokens), "--hidden", str(args.hidden), "--expert-hidden", str(args.expert_hidden),
+            "--experts", str(args.experts), "--top-k", str(args.top_k), "--repeat", str(args.repeat)]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--part", choices=("routing", "layer"), default="layer", help=argparse.SUPPRESS)
+    p.add_argument("--variant", default="kernels", help=argparse.SUPPRESS)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: both)")
+    p.add_argument("--tokens", type=int, default=None)
+    p.add_argument("--hidden", type=int, default=None)
+    p.add_argument("--expert-hidden", type=int, default=None)
+    p.add_argument("--experts", type=int, default=8, help="experts per group (2 groups)")
+    p.add_argument("--top-k", type=int, default=4)
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--json", default=None, help="also write the results here")
+    args = p.parse_args(argv)
+    gpu = args.device == "cuda"
+    args.tokens = args.tokens or (16384 if gpu else 8192)
+    args.hidden = args.hidden or (2048 if gpu else 512)
+    args.expert_hidden = args.expert_hidden or (1024 if gpu else 256)
+    if args.child:
+        return child(args)
+
+    dtypes = [args.dtype] if args.dtype else ["float32", "bfloat16"]
+    rows, results = [], []
+    size = f"T={args.tokens} H={args.hidden} F={args.expert_hidden} 2x{args.experts} top-{args.top_k}"
+    for dtype in dtypes:
+        for part, variants in (("routing", ROUTING), ("layer", LAYER)):
+            r = {v: run_isolated("benchmarks.bench_moe", _child_args(args, part, v, dtype)) for v in variants}
+            base = r[variants[0]]
+            match = ""
+            if part == "layer":
+                c = run_isolated("benchmarks.bench_moe", _child_args(args, "layer", "check", dtype))
+                match = f"y {c['y_rel']:.1e}, dx {c['grad_x_rel']:.1e}, dW1 {c['grad_w1_rel']:.1e}"
+            what = "gate+dispatch+combine" if part == "routing" else "GroupedTokenMoE"
+            for v in variants:
+                t, mem = r[v]["time_s"], r[v]["peak_bytes"]
+                rows.append([what, dtype, v, ms(t), ms(r[v]["cpu_s"]), f"{base['time_s'] / t:.2f}x", mib(mem),
+                             f"{mem / max(1, base['peak_bytes']):.2f}x", match if v == "kernels" else ""])
+                results.append(dict(part=part, dtype=dtype, variant=v, size=size, **r[v]))
+    table = format_table(["what", "dtype", "variant", "fwd+bwd ms (median)", "CPU ms", "speed-up", "peak extra MiB",
+                          "memory ratio", "kernels vs reference (max rel. diff)"], rows)
+    print(f"Grouped MoE forward+backward on {args.device}, {size} — {machine_line()}")
+    print(table)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine_line(), "results": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
