@@ -143,13 +143,17 @@ def load_classifier(path: str) -> AttributeClassifier:
 # ----------------------------------------------------------------------------------------------------------
 def frechet_distance(a: Tensor, b: Tensor) -> float:
     """‖μa − μb‖² + Tr(Σa + Σb − 2(ΣaΣb)^½) between two feature sets [N, D]."""
+    import warnings
+
     from scipy import linalg
 
     a, b = a.double().numpy(), b.double().numpy()
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
-    covmean = covmean.real
+    with warnings.catch_warnings():  # few samples: Σ may be rank-deficient; sqrtm still gives the trace term
+        warnings.simplefilter("ignore")
+        covmean = linalg.sqrtm(cov_a @ cov_b)
+    covmean = (covmean[0] if isinstance(covmean, tuple) else covmean).real
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * covmean))
 
 

@@ -4,7 +4,7 @@ Stages (each caches its result under `out`, so a second run skips finished stage
 
     data              render synthetic faces (train / validation / test splits by identity)
     text_tokenizer    byte-level BPE on the train split's short captions, questions and answers
-    image_tokenizer   LFQ autoencoder, 32 px → 8 × 8 = 64 tokens
+    image_tokenizer   LFQ autoencoder, 32 px → 4 × 4 = 16 tokens of 256 codes
     train             a small UniF2ace (D3Diff loss, grouped token MoE and sequence MoE) on mixed batches
     eval              attribute classifier, generation / understanding / caption metrics, the demo grid
 
@@ -14,6 +14,7 @@ minutes on two CPU cores.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -29,6 +30,7 @@ from unif2ace.training.config import TrainConfig
 class DemoConfig:
     out: str = "artifacts/demo"
     seed: int = 0
+    threads: int = 0                   # torch CPU threads; 0 = all cores, or 1 when the machine is already busy
     # data
     num_images: int = 3000
     resolution: int = 32
@@ -36,19 +38,21 @@ class DemoConfig:
     text_vocab_size: int = 600
     tokenizer_channels: int = 16
     code_bits: int = 8                 # 256 image codes
-    tokenizer_steps: int = 700
-    tokenizer_batch: int = 32
+    tokenizer_steps: int = 600
+    tokenizer_batch: int = 16
     tokenizer_max_seconds: float = 150.0
     # model and training
     model_preset: str = "tiny"
     model_overrides: dict = field(default_factory=lambda: dict(
-        num_layers=3, hidden_size=192, num_heads=6, rotary_dim=16, experts_per_group=4, moe_top_k=2,
-        expert_hidden_size=192, shared_hidden_size=384, max_position_embeddings=192, caption_dropout=0.1))
-    steps: int = 1500
+        num_layers=3, hidden_size=128, num_heads=4, rotary_dim=16, experts_per_group=4, moe_top_k=2,
+        expert_hidden_size=128, shared_hidden_size=256, max_position_embeddings=128, caption_dropout=0.1))
+    steps: int = 3000                  # upper bound; the demo measures its step time and fits train_seconds
+    min_steps: int = 100
+    train_seconds: float = 420.0
     batch_size: int = 32
     lr: float = 2e-3
     warmup_steps: int = 100
-    train_max_seconds: float = 480.0
+    train_max_seconds: float = 480.0   # hard stop (with a checkpoint) if the machine slows down mid-run
     # evaluation
     classifier_steps: int = 500
     num_generate: int = 64
@@ -61,11 +65,11 @@ class DemoConfig:
     @classmethod
     def quick(cls, out: str = "artifacts/demo-quick") -> "DemoConfig":
         return cls(out=out, num_images=240, text_vocab_size=400, tokenizer_steps=40, tokenizer_max_seconds=20,
-                   steps=30, batch_size=16, warmup_steps=5, train_max_seconds=30, classifier_steps=40,
+                   steps=30, min_steps=30, train_seconds=30, batch_size=16, warmup_steps=5, train_max_seconds=30, classifier_steps=40,
                    num_generate=8, num_vqa=32, num_captions=8, sample_steps=4, grid_images=8,
                    model_overrides=dict(num_layers=1, hidden_size=64, num_heads=2, rotary_dim=16, experts_per_group=2,
                                         moe_top_k=1, expert_hidden_size=64, shared_hidden_size=64,
-                                        max_position_embeddings=192))
+                                        max_position_embeddings=128))
 
 
 class Stages:
@@ -100,6 +104,11 @@ def run_demo(cfg: DemoConfig, docs_dir: str = "") -> dict:
 
     torch.manual_seed(cfg.seed)
     t_all = time.time()
+    cores = os.cpu_count() or 1
+    busy = hasattr(os, "getloadavg") and os.getloadavg()[0] > 0.75 * cores
+    threads = cfg.threads or (1 if busy else cores)
+    torch.set_num_threads(threads)  # on a shared, busy CPU one thread is several times faster than oversubscribing
+    print(f"unif2ace demo → {cfg.out} ({threads} CPU thread(s){'; machine busy' if busy else ''})")
     os.makedirs(cfg.out, exist_ok=True)
     with open(os.path.join(cfg.out, "demo_config.json"), "w") as f:
         json.dump(asdict(cfg), f, indent=1)
@@ -134,8 +143,8 @@ def run_demo(cfg: DemoConfig, docs_dir: str = "") -> dict:
 
         ds = FaceDataset(data_dir, split="train", image_size=cfg.resolution)
         images = torch.stack([ds[i]["image"] for i in range(len(ds))])
-        icfg = ImageTokenizerConfig(ch=cfg.tokenizer_channels, enc_ch_mult=(1, 2, 4), enc_num_res_blocks=(1, 1, 1),
-                                    dec_ch_mult=(1, 2, 4), dec_num_res_blocks=(1, 1, 1), code_bits=cfg.code_bits,
+        icfg = ImageTokenizerConfig(ch=cfg.tokenizer_channels, enc_ch_mult=(1, 2, 2, 4), enc_num_res_blocks=(1, 1, 1, 1),
+                                    dec_ch_mult=(1, 2, 2, 4), dec_num_res_blocks=(1, 1, 1, 1), code_bits=cfg.code_bits,
                                     norm_groups=8, mid_attn=False, image_size=cfg.resolution)
         tcfg = TokTrainConfig(batch_size=cfg.tokenizer_batch, lr=2e-3, warmup_steps=min(50, cfg.tokenizer_steps // 5))
         model, hist = train_image_tokenizer(images, icfg, cfg.tokenizer_steps, train=tcfg, seed=cfg.seed,
@@ -150,7 +159,30 @@ def run_demo(cfg: DemoConfig, docs_dir: str = "") -> dict:
                        batch_size=cfg.batch_size, micro_batch_size=cfg.batch_size, lr=cfg.lr,
                        warmup_steps=cfg.warmup_steps, checkpoint_every=max(50, cfg.steps // 5), resume=True,
                        max_seconds=cfg.train_max_seconds, seed=cfg.seed)
-    stages.run("train", lambda: train(tcfg))
+
+    def train_stage():
+        steps_path = os.path.join(cfg.out, "train_steps.json")
+        if not os.path.exists(steps_path) and cfg.min_steps >= cfg.steps:
+            with open(steps_path, "w") as f:
+                json.dump({"steps": cfg.steps}, f)
+        if not os.path.exists(steps_path):
+            # measure a few steps on this machine, then fit the step count into the time budget
+            probe = dataclasses.replace(tcfg, out_dir=os.path.join(cfg.out, "calibrate"), stop_after=4, resume=False,
+                                        progress=False, checkpoint_every=10**9)
+            train(probe)
+            with open(os.path.join(probe.out_dir, "train_log.jsonl")) as f:
+                times = sorted(json.loads(line)["step_time"] for line in f)
+            per_step = times[len(times) // 2]
+            steps = int(min(cfg.steps, max(cfg.min_steps, cfg.train_seconds / per_step)))
+            with open(steps_path, "w") as f:
+                json.dump({"steps": steps, "seconds_per_step": per_step}, f)
+            print(f"  {per_step:.2f}s per step here → {steps} steps")
+        with open(steps_path) as f:
+            steps = json.load(f)["steps"]
+        train(dataclasses.replace(tcfg, steps=steps, warmup_steps=min(cfg.warmup_steps, max(1, steps // 10)),
+                                  checkpoint_every=max(25, steps // 5)))
+
+    stages.run("train", train_stage)
 
     eval_dir = os.path.join(cfg.out, "eval")
 
