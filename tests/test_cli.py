@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from test_train_helpers import TINY_MODEL, tiny_setup
+from test_train_helpers import TINY_MODEL, one_thread, tiny_setup  # noqa: F401 (one_thread: autouse fixture)
 from unif2ace.cli import main
 
 

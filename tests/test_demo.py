@@ -2,6 +2,7 @@
 import os
 import time
 
+from test_train_helpers import one_thread  # noqa: F401  (autouse fixture)
 from unif2ace.cli import main
 
 

@@ -7,12 +7,23 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 
 from unif2ace.training import TrainConfig
 
 TINY_MODEL = dict(num_layers=1, hidden_size=64, num_heads=2, rotary_dim=16, experts_per_group=2, moe_top_k=1,
                   expert_hidden_size=64, shared_hidden_size=64, max_position_embeddings=160)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These tests run tiny models: one torch thread is as fast on an idle machine and many times faster on a
+    busy shared one (oversubscribed cores). Restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def tiny_setup(root: str) -> dict:

@@ -32,7 +32,7 @@ class DemoConfig:
     seed: int = 0
     threads: int = 0                   # torch CPU threads; 0 = all cores, or 1 when the machine is already busy
     # data
-    num_images: int = 3000
+    num_images: int = 2500
     resolution: int = 32
     # tokenizers
     text_vocab_size: int = 600
@@ -48,18 +48,18 @@ class DemoConfig:
         expert_hidden_size=128, shared_hidden_size=256, max_position_embeddings=128, caption_dropout=0.1))
     steps: int = 3000                  # upper bound; the demo measures its step time and fits train_seconds
     min_steps: int = 100
-    train_seconds: float = 420.0
+    train_seconds: float = 450.0
     batch_size: int = 32
-    lr: float = 2e-3
+    lr: float = 3e-3
     warmup_steps: int = 100
     train_max_seconds: float = 480.0   # hard stop (with a checkpoint) if the machine slows down mid-run
     # evaluation
-    classifier_steps: int = 500
+    classifier_steps: int = 400
     num_generate: int = 64
-    num_vqa: int = 400
+    num_vqa: int = 300
     num_captions: int = 48
     sample_steps: int = 12
-    guidance_scale: float = 2.0
+    guidance_scale: float = 3.0
     grid_images: int = 16
 
     @classmethod
@@ -193,8 +193,8 @@ def run_demo(cfg: DemoConfig, docs_dir: str = "") -> dict:
                        steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale, seed=cfg.seed)
         gen = res["generated"]
         k = min(cfg.grid_images, len(gen["prompts"]))
-        grid = image_grid(tensor_to_pil(gen["images"][:k]), columns=4, captions=gen["prompts"][:k], scale=3,
-                          caption_lines=5)
+        grid = image_grid(tensor_to_pil(gen["images"][:k]), columns=4, captions=gen["prompts"][:k], scale=4,
+                          caption_lines=8)
         grid.save(os.path.join(cfg.out, "demo_grid.png"))
 
     stages.run("eval", evaluation)
