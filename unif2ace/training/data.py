@@ -80,9 +80,19 @@ def caption_attributes(attributes: dict) -> dict:
 
 
 def mentions(caption: str, attributes: dict) -> dict:
-    """{attribute: bool} for every attribute of the short caption: is its phrase (the right value) in `caption`?"""
+    """{attribute: bool} for every attribute of the short caption: does `caption` state it with the right value?
+    Each comma-separated item is compared with the attribute's phrase; the shared hair phrase is judged per part
+    ("<length> … hair" for hair_length, "… <colour> hair" for hair_color)."""
     items = [p.strip() for p in caption.lower().split(",")]
-    return {name: phrase in items for name, phrase in caption_phrases(attributes)}
+    out = {}
+    for name, phrase in caption_phrases(attributes):
+        if name == "hair_length" and phrase != "bald":
+            out[name] = any(i.startswith(attributes["hair_length"] + " ") and i.endswith(" hair") for i in items)
+        elif name == "hair_color":
+            out[name] = any(i.endswith(f" {attributes['hair_color']} hair") for i in items)
+        else:
+            out[name] = phrase in items
+    return out
 
 
 def question_prompt(question: str) -> str:
