@@ -56,7 +56,8 @@ def cmd_generate(args) -> None:
     images = pipe.generate(args.prompt, num_images_per_prompt=args.num_images, steps=args.steps,
                            guidance_scale=args.guidance, seed=args.seed)
     captions = [p for p in args.prompt for _ in range(args.num_images)]
-    image_grid(images, columns=min(len(images), args.columns), captions=captions, scale=args.scale).save(args.out)
+    image_grid(images, columns=min(len(images), args.columns), captions=captions, scale=args.scale,
+               caption_lines=8).save(args.out)
     print(f"wrote {len(images)} faces to {args.out}")
 
 
@@ -113,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--guidance", type=float, default=2.0)
     p.add_argument("--columns", type=int, default=4)
-    p.add_argument("--scale", type=int, default=2, help="pixel upscaling of each face in the grid")
+    p.add_argument("--scale", type=int, default=4, help="pixel upscaling of each face in the grid")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("ask", help="answer a question about a face image")
