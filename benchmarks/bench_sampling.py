@@ -7,21 +7,32 @@ Fused: unif2ace.ops.maskgit_step (one read of each logit, no probability matrix,
 Both at the first step (every position masked: the most work the fused kernel can have; it skips the logits of
 already known positions at later steps, the eager step does not).
 
-    python -m benchmarks.bench_sampling [--sizes 256,1024] [--repeat 5] [--device cpu|cuda]
+    python -m benchmarks.bench_sampling [--sizes 256,1024] [--dtype float32] [--repeat 5] [--device cpu|cuda] [--json F]
+
+Measured with `python -m benchmarks.bench_sampling --repeat 5` (AMD EPYC, 2 threads, torch 2.13.0+cpu, on a
+shared machine with a load average of about 6.5, so absolute times are noisy; the eager time is dominated by
+torch.multinomial, then the guidance arithmetic and the softmax; peak = extra resident memory of the step):
+
+| B | N    | K    | dtype    | eager Show-o (ms) | fused (ms) | speed-up | eager peak MiB | fused peak MiB |
+|---|------|------|----------|-------------------|------------|----------|----------------|----------------|
+| 8 | 256  | 8192 | float32  | 2483.5            | 120.0      | 20.7x    | 191.8          | 0.1            |
+| 8 | 256  | 8192 | bfloat16 | 2347.3            | 108.1      | 21.7x    | 95.8           | 0.1            |
+| 8 | 1024 | 8192 | float32  | 8880.6            | 372.0      | 23.9x    | 767.9          | 0.1            |
+| 8 | 1024 | 8192 | bfloat16 | 7221.7            | 307.9      | 23.5x    | 384.0          | 0.1            |
+
+No GPU numbers yet (the CUDA path defaults to B = 16, N = 1024, K = 8192).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
 
 import torch
 
 from unif2ace import ops
 
-try:
-    from benchmarks.harness import format_table, machine_line, median_time, ms
-except ImportError:  # run as a plain script
-    from harness import format_table, machine_line, median_time, ms  # type: ignore
+from benchmarks.harness import format_table, machine_line, measure_in_child, mib, ms, report, run_isolated
 
 
 def eager_showo_step(cond, uncond, tokens, step, num_steps, guidance, mask_id, generator):
@@ -45,41 +56,73 @@ def eager_showo_step(cond, uncond, tokens, step, num_steps, guidance, mask_id, g
     return torch.where(masking, mask_id, sampled), sampled
 
 
-def main():
-    ap = argparse.ArgumentParser()
+VARIANTS = ("eager", "fused")
+
+
+def child(args) -> None:
+    """One variant at one size in this (fresh) process: time and the peak memory the step adds."""
+    device, dtype = args.device, getattr(torch, args.dtype)
+    B, N, K, g, S, step = args.batch, args.n, args.codebook, args.guidance, 18, 0
+
+    def make_step(b, n, k):
+        gen = torch.Generator(device=device).manual_seed(0)
+        cond = torch.randn(b, n, k, generator=gen, device=device).mul_(3).to(dtype)
+        uncond = torch.randn(b, n, k, generator=gen, device=device).mul_(3).to(dtype)
+        tokens = torch.full((b, n), k, dtype=torch.int64, device=device)
+        if args.variant == "eager":
+            return lambda: eager_showo_step(cond, uncond, tokens, step, S, g, k, gen)
+        return lambda: ops.maskgit_step(cond, tokens, step, S, uncond_logits=uncond, guidance_scale=g, mask_id=k,
+                                        seed=0, offset=step)
+
+    fn = make_step(B, N, K)
+    report(measure_in_child(fn, warmup=1, repeat=args.repeat, device=device, prewarm=make_step(1, 8, 64)))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--variant", choices=VARIANTS, default="fused", help=argparse.SUPPRESS)
+    ap.add_argument("--n", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: both)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--sizes", default=None, help="comma-separated N values")
     ap.add_argument("--codebook", type=int, default=8192)
     ap.add_argument("--guidance", type=float, default=5.0)
     ap.add_argument("--repeat", type=int, default=5)
-    args = ap.parse_args()
+    ap.add_argument("--json", default=None, help="also write the results here")
+    args = ap.parse_args(argv)
     cuda = args.device == "cuda"
-    B = args.batch or (16 if cuda else 8)
+    args.batch = args.batch or (16 if cuda else 8)
+    if args.child:
+        return child(args)
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else ([1024] if cuda else [256, 1024])
-    K, g, S, step = args.codebook, args.guidance, 18, 0
-    print(f"# MaskGIT step with guidance {g}: eager Show-o step vs fused unif2ace.ops.maskgit_step")
-    print(f"# {machine_line()}; device {args.device}; median of {args.repeat} runs after 1 warm-up\n")
-    rows = []
+    dtypes = [args.dtype] if args.dtype else ["float32", "bfloat16"]
+    B, K = args.batch, args.codebook
+    print(f"# MaskGIT step with guidance {args.guidance}: eager Show-o step vs fused unif2ace.ops.maskgit_step")
+    print(f"# {machine_line()}; device {args.device}; median of {args.repeat} runs after 1 warm-up; each variant in "
+          "a fresh process (peak = memory the step adds)\n")
+    rows, results = [], []
     for N in sizes:
-        for dtype in (torch.float32, torch.bfloat16):
-            gen = torch.Generator(device=args.device).manual_seed(0)
-            cond = torch.randn(B, N, K, generator=gen, device=args.device).mul_(3).to(dtype)
-            uncond = torch.randn(B, N, K, generator=gen, device=args.device).mul_(3).to(dtype)
-            tokens = torch.full((B, N), K, dtype=torch.int64, device=args.device)
-            t_eager = median_time(
-                lambda: eager_showo_step(cond, uncond, tokens, step, S, g, K, gen),
-                repeat=args.repeat, device=args.device,
-            )
-            t_fused = median_time(
-                lambda: ops.maskgit_step(cond, tokens, step, S, uncond_logits=uncond, guidance_scale=g, mask_id=K,
-                                         seed=0, offset=step),
-                repeat=args.repeat, device=args.device,
-            )
-            rows.append([B, N, K, str(dtype).replace("torch.", ""), ms(t_eager), ms(t_fused),
-                         f"{t_eager / t_fused:.1f}x"])
-            del cond, uncond
-    print(format_table(["B", "N", "K", "dtype", "eager Show-o (ms)", "fused (ms)", "speed-up"], rows))
+        for dtype in dtypes:
+            r = {}
+            for variant in VARIANTS:
+                r[variant] = run_isolated(
+                    "benchmarks.bench_sampling",
+                    ["--child", "--variant", variant, "--n", str(N), "--dtype", dtype, "--device", args.device,
+                     "--batch", str(B), "--codebook", str(K), "--guidance", str(args.guidance),
+                     "--repeat", str(args.repeat)],
+                )
+                results.append(dict(config=f"B={B} N={N} K={K} {dtype}", b=B, n=N, k=K, dtype=dtype,
+                                    device=args.device, variant=variant, **r[variant]))
+            e, f = r["eager"], r["fused"]
+            rows.append([B, N, K, dtype, ms(e["time_s"]), ms(f["time_s"]), f"{e['time_s'] / f['time_s']:.1f}x",
+                         mib(e["peak_bytes"]), mib(f["peak_bytes"])])
+    print(format_table(["B", "N", "K", "dtype", "eager Show-o (ms)", "fused (ms)", "speed-up", "eager peak MiB",
+                        "fused peak MiB"], rows))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"machine": machine_line(), "results": results}, fh, indent=2)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Timing, memory and table helpers shared by the benchmark scripts.
 
-Peak memory on the CPU is measured honestly: each variant runs in a fresh Python process and reports its
-maximum resident set size minus the RSS it had right before the measured work (inputs already built), so
-allocator caches of an earlier variant cannot hide or inflate anything. On CUDA the peak is
+Peak memory on the CPU is measured honestly: each variant runs in a fresh Python process; the kernel's peak-RSS
+mark is reset right before the measured call and the result is that peak minus the RSS held at that moment
+(inputs already built, libraries already started by a tiny pre-warm call), so neither allocator caches of an
+earlier variant nor compiler memory can hide or inflate anything. On CUDA the peak is
 torch.cuda.max_memory_allocated over the measured call, minus the memory held before it.
 """
 from __future__ import annotations
@@ -75,7 +76,25 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def reset_peak_rss() -> bool:
+    """Resets the kernel's peak-RSS mark of this process (Linux >= 4.0); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def peak_rss_bytes() -> int:
+    """Peak RSS since the last reset_peak_rss (VmHWM), or since the start of the process."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
@@ -101,10 +120,15 @@ def report(result: dict) -> None:
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def measure_in_child(fn: Callable[[], object], *, warmup: int = 1, repeat: int = 3, device: str = "cpu") -> dict:
+def measure_in_child(fn: Callable[[], object], *, warmup: int = 1, repeat: int = 3, device: str = "cpu",
+                     prewarm: Callable[[], object] | None = None) -> dict:
     """Time fn and measure the peak memory it adds, from inside an isolated child process.
 
-    The first (warm-up) call sets the peak; the baseline is the memory held before it."""
+    `prewarm` (the same code path on tiny inputs) runs first, so one-time library start-up (thread pools, BLAS
+    buffers, dispatcher caches) is part of the baseline rather than charged to the measured step. The first
+    full call then sets the peak; the baseline is the memory held just before it."""
+    if prewarm is not None:
+        prewarm()
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -114,6 +138,10 @@ def measure_in_child(fn: Callable[[], object], *, warmup: int = 1, repeat: int =
         peak = torch.cuda.max_memory_allocated() - base
         t = median_time(fn, warmup=max(0, warmup - 1), repeat=repeat, device=device)
     else:
+        import gc
+
+        gc.collect()
+        reset_peak_rss()
         base = rss_bytes()
         fn()
         peak = peak_rss_bytes() - base

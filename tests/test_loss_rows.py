@@ -185,3 +185,28 @@ def test_cuda_bad_target_is_nan_not_out_of_bounds():
     target[1] = 99
     lse, z_t = row_lse_target(logits.cuda(), target.cuda())
     assert torch.isnan(lse[1]) and torch.isfinite(lse[[0, 2, 3]]).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_conversions_match_torch_bit_for_bit(dtype):
+    """Reads: every 16-bit pattern widens exactly. Writes: fp32 -> 16 bit rounds like torch (nearest even,
+    overflow to inf, subnormals, NaN stays NaN). With K = 1 the row kernels expose both directions."""
+    every = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(dtype).reshape(-1, 1).contiguous()
+    zeros = torch.zeros(every.shape[0], dtype=torch.int64)
+    _, widened = row_lse_target(every, zeros)
+    expected = every.float().squeeze(1)
+    assert torch.equal(widened.isnan(), expected.isnan())
+    assert torch.equal(widened.nan_to_num(), expected.nan_to_num())
+
+    g = torch.Generator().manual_seed(1)
+    values = torch.randn(200_000, generator=g) * torch.exp2(torch.randint(-30, 20, (200_000,), generator=g).float())
+    specials = torch.tensor([0.0, -0.0, 65504.0, 65519.99, 65520.0, 1e30, -1e30, 5.96e-8, 2.98e-8, 1e-45,
+                             float("inf"), float("-inf"), float("nan"), 3.39e38])
+    values = torch.cat([values, specials])
+    n = values.shape[0]
+    one_class = torch.zeros(n, 1, dtype=dtype)          # softmax over one class is exactly 1
+    lse = torch.zeros(n)                                  # log-sum-exp of a single 0 logit
+    out = softmax_onehot_grad(one_class, lse, torch.zeros(n, dtype=torch.int64), values, torch.zeros(n))
+    rounded = values.to(dtype)
+    assert torch.equal(out.squeeze(1).isnan(), rounded.isnan())
+    assert torch.equal(out.squeeze(1).float().nan_to_num(), rounded.float().nan_to_num())

@@ -67,7 +67,8 @@ def phi_reference_logits(state, ids, allowed):
         a = F.linear(att.transpose(0, 1).reshape(L, HIDDEN), *w("self_attn.dense"))
         m = F.linear(F.gelu(F.linear(h, *w("mlp.fc1")), approximate="tanh"), *w("mlp.fc2"))
         x = x + a + m
-    x = F.layer_norm(x, (HIDDEN,), state["showo.model.final_layernorm.weight"], state["showo.model.final_layernorm.bias"])
+    final = (state["showo.model.final_layernorm.weight"], state["showo.model.final_layernorm.bias"])
+    x = F.layer_norm(x, (HIDDEN,), *final)
     return F.linear(x, state["showo.lm_head.weight"], state["showo.lm_head.bias"])
 
 

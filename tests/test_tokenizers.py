@@ -72,6 +72,17 @@ def test_save_load(tok, tmp_path):
     assert (again.eot_id, again.vocab_size, again.layout) == (tok.eot_id, tok.vocab_size, "compact")
 
 
+def test_train_on_dataset_records(tmp_path):
+    from unif2ace.data import FaceDataset, write_synthetic_dataset
+    from unif2ace.tokenizers.text import dataset_texts
+
+    write_synthetic_dataset(str(tmp_path), 8, resolution=16, progress=False)
+    texts = list(dataset_texts(FaceDataset(str(tmp_path), image_size=16)))
+    assert len(texts) >= 8 * (1 + 2 * 6)
+    t = TextTokenizer.train(texts, vocab_size=600)
+    assert t.decode(t.encode(texts[0])) == texts[0] and len(t.encode(texts[0])) < len(texts[0]) / 2
+
+
 def test_phi_style_tokenizer_gets_showo_ids(corpus, tmp_path):
     base = train_bpe(corpus, vocab_size=400)
     base.add_special_tokens([AddedToken("<|endoftext|>", special=True)])  # like GPT-2/Phi's id after the BPE
@@ -245,7 +256,7 @@ def test_load_magvit2_reports_bad_tensors(tmp_path):
         load_magvit2(str(tmp_path / "nothing"))
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def one_thread():
     # small convolutions run far faster on one thread than on two contended ones
     n = torch.get_num_threads()
@@ -254,7 +265,7 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def test_tiny_tokenizer_learns(one_thread):
+def test_tiny_tokenizer_learns():
     """Seconds of training already beat the per-channel-mean predictor on held-out faces."""
     torch.manual_seed(0)
     train = synthetic_images(96, 16, seed=0)

@@ -381,7 +381,7 @@ Status gate_backward_cuda(const void* logits, DType dtype, int64_t n_tokens, int
 Status sort_slots_cuda(const int64_t* expert_ids, int64_t n_slots, int64_t n_experts, int64_t* expert_offsets,
                        int64_t* sorted_slot, int64_t* block_counts, int device, void* stream) {
   if (n_slots < 0 || n_experts <= 0) return Status::Invalid("moe_dispatch: need n_slots >= 0 and num_experts > 0");
-  if (n_experts >= 8192) return Status::Invalid("moe_dispatch: the CUDA sort supports fewer than 8192 experts");
+  if (n_experts >= 4096) return Status::Invalid("moe_dispatch: the CUDA sort supports fewer than 4096 experts");
   cuda::DeviceGuard guard(device);
   if (!guard.status().ok()) return guard.status();
   auto s = static_cast<cudaStream_t>(stream);

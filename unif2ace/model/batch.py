@@ -3,8 +3,8 @@ caption dropout. Samples are plain token-id lists and code tensors, so nothing h
 
 Sequence formats (DESIGN §1; Show-o's, without its fixed 129-token text slot):
 
-    understanding  <|mmu|> <|soi|> img_0 … img_{N-1} <|eoi|> <|sot|> prompt… answer… <|eot|> [PAD]…   (right-padded)
-    generation     [PAD]… <|t2i|> <|sot|> caption… <|eot|> <|soi|> img_0 … img_{N-1} <|eoi|>           (left-padded)
+    understanding  <|mmu|> <|soi|> img… <|eoi|> <|sot|> prompt… answer… <|eot|> [PAD]…    (right-padded)
+    generation     [PAD]… <|t2i|> <|sot|> caption… <|eot|> <|soi|> img… <|eoi|>            (left-padded)
 
 Both kinds share one batch: every row is padded to the longest row, understanding rows on the right and generation
 rows on the left (so their image block ends the row, as in Show-o).

@@ -19,14 +19,14 @@ output head (lm_head). What is initialised from the dense MLP fc2(gelu(fc1(h))):
   receive gradients (their hidden activations are not zero), and the routers start as initialised.
   Consequence: with shared width = dense width, attention + token MoE reproduce the Show-o block exactly.
 - sequence MoE: the block must start as the dense block, so the router must pick the two Copy experts of each
-  group with equal weight (their delta residual is then exactly 0: ½·h + ½·h − h). The sequence router is linear in
-  the mean of LN_seq(x), which varies, so one coordinate j = 0 of LN_seq is made constant: weight[j] = 0,
+  group with equal weight (their delta residual is then exactly 0: ½·h + ½·h − h). The sequence router is linear
+  in the mean of LN_seq(x), which varies, so one coordinate j = 0 of LN_seq is made constant: weight[j] = 0,
   bias[j] = 1, hence pooled[j] = 1 exactly; the router is zero except router[g, copy, j] = COPY_LOGIT. The balance
   loss then moves probability away from the Copy experts as training starts (the only router gradient at first).
   The mixing experts keep their input-leaning initialisation.
 
 The converted model therefore computes exactly Show-o's logits on Show-o's sequences (up to the mask of padding
-rows, which nothing reads). Use `config=` to convert into a different expert layout (same transformer shape).
+rows, which nothing reads), given seq_moe_residual="delta" (the default; with "add" a Copy expert adds LN_seq(x)). Use `config=` to convert into a different expert layout (same transformer shape).
 """
 from __future__ import annotations
 

@@ -29,6 +29,7 @@ text nor the image logits are ever materialised in full during training (backend
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
@@ -177,8 +178,10 @@ class UniF2aceModel(nn.Module):
             if name in out:
                 continue
             if images is not None:
+                weight = next(encoders[name].parameters(), None)
                 with torch.no_grad():
-                    out[name] = encoders[name](images.to(device)).to(dtype)
+                    pixels = images.to(device=device, dtype=weight.dtype if weight is not None else images.dtype)
+                    out[name] = encoders[name](pixels).to(dtype)
             else:
                 out[name] = torch.zeros(batch_size, dim, device=device, dtype=dtype)
         return out
@@ -439,6 +442,10 @@ class UniF2aceModel(nn.Module):
         """Loads what save_pretrained wrote; raises CheckpointError naming the offending tensor or file on missing
         / unexpected keys, shape mismatches and truncated or corrupt files."""
         config = UniF2aceConfig.load(directory)
+        for name, given in (("clip_encoder", clip_encoder), ("face_encoder", face_encoder)):
+            if getattr(config, name) == "external" and given is None:
+                warnings.warn(f"{directory} was saved with an external {name}; none was given, so the built-in "
+                              "random encoder is used and its embeddings will not match the ones seen in training")
         with torch.device(device):
             model = cls(config, clip_encoder=clip_encoder, face_encoder=face_encoder, backend=backend)
         state = checkpoint.load(directory)

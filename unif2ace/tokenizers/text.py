@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -34,6 +34,17 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 4096, min_frequency: int =
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
     tok.train_from_iterator((t for t in texts if isinstance(t, str) and t.strip()), trainer=trainer)
     return tok
+
+
+def dataset_texts(dataset) -> Iterator[str]:
+    """Captions, questions and answers of a `FaceDataset` (read from its records, no image decoding) or of
+    any iterable of dicts with "caption" and "vqa": the corpus to train the BPE on."""
+    for rec in getattr(dataset, "records", dataset):
+        if rec.get("caption"):
+            yield rec["caption"]
+        for qa in rec.get("vqa", []):
+            yield qa["question"]
+            yield qa["answer"]
 
 
 class TextTokenizer:

@@ -68,22 +68,15 @@ U2A_HD float to_float(float x) { return x; }
 U2A_HD float to_float(bf16_t x) { return bits_to_float(static_cast<uint32_t>(x.bits) << 16); }
 
 U2A_HD float to_float(f16_t x) {
+  // Branch-free (selects only) so that loops over fp16 data vectorise.
   const uint32_t h = x.bits;
   const uint32_t sign = (h & 0x8000u) << 16;
-  uint32_t exponent = (h >> 10) & 0x1fu;
-  uint32_t mantissa = h & 0x3ffu;
-  if (exponent == 0x1fu) return bits_to_float(sign | 0x7f800000u | (mantissa << 13));  // inf / nan
-  if (exponent == 0) {
-    if (mantissa == 0) return bits_to_float(sign);
-    // Subnormal half: renormalise into a normal float.
-    int32_t e = 113;  // 127 - 15 + 1
-    while ((mantissa & 0x400u) == 0) {
-      mantissa <<= 1;
-      --e;
-    }
-    return bits_to_float(sign | (static_cast<uint32_t>(e) << 23) | ((mantissa & 0x3ffu) << 13));
-  }
-  return bits_to_float(sign | ((exponent + 112u) << 23) | (mantissa << 13));
+  const uint32_t exponent = (h >> 10) & 0x1fu;
+  const uint32_t mantissa = h & 0x3ffu;
+  const float subnormal = static_cast<float>(mantissa) * 5.9604644775390625e-8f;  // mantissa * 2^-24, exact
+  const uint32_t normal = (exponent == 0x1fu) ? (0x7f800000u | (mantissa << 13))  // inf / nan
+                                              : (((exponent + 112u) << 23) | (mantissa << 13));
+  return bits_to_float(sign | (exponent == 0 ? float_to_bits(subnormal) : normal));
 }
 
 // Round to nearest even, NaN stays NaN (quietened) -- the same bits torch produces.

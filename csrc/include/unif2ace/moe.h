@@ -71,7 +71,9 @@ Status unpermute_sum_backward_cpu(const void* grad_out, const void* rows, DType 
 //     expert_offsets[NE] counts only the valid slots and the rows after it belong to no expert;
 //   * a sorted_slot entry outside [0, T*k) gives a zero row in permute_rows and is skipped by the others.
 // On the CPU every one of these is an InvalidArgument error instead.
-// Workspaces are allocated by the caller (sizes from the *_workspace functions, in elements).
+// Limits of the CUDA kernels: at most 64 experts per group in the gating kernels (one thread per token keeps
+// the group's logits in registers), fewer than 4096 experts in all for the sort (per-block histograms in shared
+// memory). Workspaces are allocated by the caller, sized with the block constants below.
 int64_t gate_block_tokens();            // tokens per block of the gating kernel
 int64_t sort_block_slots();             // slots per block of the sort kernels
 

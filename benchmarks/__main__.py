@@ -1,0 +1,147 @@
+"""Runs every benchmark and writes one report: `python -m benchmarks [--quick] [--gpu] [--only loss,moe]`.
+
+Each benchmark script runs in its own process and writes JSON rows (config, variant, time_s, peak_bytes, ...);
+the first variant of each config is its baseline. The report (Markdown + JSON + PNG plots) goes to
+benchmarks/results/: cpu.md / cpu.json / cpu-*.png on the CPU, gpu-h100.md / gpu-h100.json / gpu-*.png on a GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.harness import machine_info, machine_line
+
+HERE = Path(__file__).resolve().parent
+
+# name -> (module, CPU arguments, quick CPU arguments, GPU arguments)
+BENCHMARKS = {
+    "loss": ("benchmarks.bench_loss", [], ["--n", "2048", "--dtype", "float32"], ["--device", "cuda"]),
+}
+
+
+def run_one(module, args, json_path):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(HERE.parent) + os.pathsep + env.get("PYTHONPATH", "")
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-m", module, *args, "--json", json_path], capture_output=True, text=True,
+                          env=env)
+    return proc, time.time() - t0
+
+
+def device_ceilings() -> dict:
+    """Measured ceilings of the GPU: bf16 matmul FLOP rate and device-to-device copy bandwidth."""
+    from benchmarks.harness import median_time
+
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    t = median_time(lambda: a @ a, warmup=3, repeat=10, device="cuda")
+    flops = 2 * 8192**3 / t
+    x = torch.empty(2**30 // 4, device="cuda")
+    y = torch.empty_like(x)
+    t = median_time(lambda: y.copy_(x), warmup=3, repeat=10, device="cuda")
+    return {"bf16_matmul_flops": flops, "copy_bytes_per_s": 2 * x.numel() * 4 / t}
+
+
+def plot(rows, path, title):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)")
+        return None
+    configs = []
+    for r in rows:
+        if r["config"] not in configs:
+            configs.append(r["config"])
+    fig, axes = plt.subplots(1, 2, figsize=(12, 0.5 + 0.55 * max(4, len(rows))))
+    for ax, key, label in ((axes[0], "time_s", "speed-up vs baseline (higher is better)"),
+                           (axes[1], "peak_bytes", "peak memory vs baseline (lower is better)")):
+        labels, values = [], []
+        for c in configs:
+            group = [r for r in rows if r["config"] == c]
+            base = group[0]
+            for r in group[1:]:
+                if r.get(key) is None or not base.get(key):
+                    continue
+                ratio = base[key] / r[key] if key == "time_s" else r[key] / base[key]
+                labels.append(f"{c} | {r['variant']} vs {base['variant']}")
+                values.append(ratio)
+        ax.barh(range(len(values)), values, color="tab:blue")
+        ax.set_yticks(range(len(values)), labels, fontsize=7)
+        ax.axvline(1.0, color="k", lw=0.8)
+        ax.invert_yaxis()
+        ax.set_title(label, fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gpu", action="store_true", help="GPU sizes and baselines (needs CUDA)")
+    p.add_argument("--quick", action="store_true", help="small CPU sizes (a smoke run)")
+    p.add_argument("--only", default="", help="comma-separated subset of: " + ",".join(BENCHMARKS))
+    p.add_argument("--results", default=str(HERE / "results"))
+    args = p.parse_args(argv)
+    if args.gpu and not torch.cuda.is_available():
+        p.error("--gpu needs a CUDA device")
+    names = [n for n in args.only.split(",") if n] or list(BENCHMARKS)
+    out = Path(args.results)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = "gpu-h100" if args.gpu else ("cpu-quick" if args.quick else "cpu")
+
+    report = {"when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "machine": machine_info(), "benchmarks": {}}
+    md = [f"# Benchmarks ({'GPU' if args.gpu else 'CPU'})", "",
+          f"Run {report['when']} on: {machine_line()}.", "",
+          "Reproduce: `python -m benchmarks" + (" --gpu" if args.gpu else (" --quick" if args.quick else "")) + "`.",
+          "Every variant runs in a fresh process; peak memory is what the measured step adds (max RSS on the CPU, "
+          "max allocated on CUDA). Ratios are against the first row of each configuration.", ""]
+    if args.gpu:
+        ceilings = device_ceilings()
+        report["ceilings"] = ceilings
+        md += [f"Measured ceilings: bf16 matmul {ceilings['bf16_matmul_flops'] / 1e12:.0f} TFLOP/s, "
+               f"device copy {ceilings['copy_bytes_per_s'] / 1e12:.2f} TB/s.", ""]
+    failures = 0
+    for name in names:
+        module, cpu_args, quick_args, gpu_args = BENCHMARKS[name]
+        bench_args = gpu_args if args.gpu else (quick_args if args.quick else cpu_args)
+        with tempfile.TemporaryDirectory() as tmp:
+            json_path = os.path.join(tmp, "rows.json")
+            print(f"== {name}: python -m {module} {' '.join(bench_args)}", flush=True)
+            proc, wall = run_one(module, bench_args, json_path)
+            print(proc.stdout, flush=True)
+            if proc.returncode != 0:
+                failures += 1
+                print(proc.stderr, file=sys.stderr)
+                md += [f"## {name}", "", f"FAILED (exit {proc.returncode}); see the log.", ""]
+                continue
+            with open(json_path) as f:
+                data = json.load(f)
+        rows = data["results"]
+        report["benchmarks"][name] = rows
+        png = plot(rows, out / f"{stem}-{name}.png", f"{name} — {machine_line()}")
+        md += [f"## {name}", "", f"`python -m {module} {' '.join(bench_args)}` ({wall:.0f} s)", "", "```",
+               proc.stdout.strip(), "```", ""]
+        if png:
+            md += [f"![{name}]({png.name})", ""]
+    (out / f"{stem}.md").write_text("\n".join(md))
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=2))
+    print(f"wrote {out / (stem + '.md')} and {out / (stem + '.json')}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
