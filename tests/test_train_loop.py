@@ -64,3 +64,14 @@ def test_damaged_checkpoint_falls_back(root):
     with pytest.warns(UserWarning):
         train(tiny_config(root, out, resume=True, steps=6))
     assert [r["step"] for r in read_log(out)] == list(range(1, 7))
+
+
+def test_bf16_autocast_runs(root):
+    # precision="auto" is fp32 on CPU; "bf16" forces autocast (what CUDA runs by default) and stays near fp32
+    a, b = os.path.join(root, "fp32"), os.path.join(root, "bf16")
+    train(tiny_config(root, a, steps=3, checkpoint_every=100))
+    train(tiny_config(root, b, steps=3, checkpoint_every=100, precision="bf16"))
+    la, lb = read_log(a), read_log(b)
+    assert [r["loss"] for r in la] != [r["loss"] for r in lb]
+    for ra, rb in zip(la, lb):
+        assert abs(ra["loss"] - rb["loss"]) < 0.05 * ra["loss"]
