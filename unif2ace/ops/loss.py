@@ -454,7 +454,18 @@ def linear_d3diff_loss(
     become their own gradient in place), so the backward pass only scales them: the same three matrix products
     as the eager computation, and O(chunk·K) extra memory instead of O(N·K). With reduction="none" the backward
     recomputes the logits chunk by chunk.
+
+    Under torch.autocast the matrix products run in the autocast dtype: hidden, weight and bias are cast to it and
+    the op runs with autocast off (inside, mixed dtypes would meet in the chunk products).
     """
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        with torch.autocast(device_type, enabled=False):
+            return linear_d3diff_loss(
+                hidden.to(dtype), weight.to(dtype), target, gamma, bias=None if bias is None else bias.to(dtype),
+                chunk_size=chunk_size, alpha=alpha, score=score, schedule=schedule, w_max=w_max,
+                ignore_index=ignore_index, reduction=reduction)
     _check_options(score, schedule, reduction)
     if hidden.dim() != 2:
         raise ValueError(f"hidden: expected a 2-D tensor [N, H], got shape {tuple(hidden.shape)}")

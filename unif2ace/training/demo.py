@@ -1,0 +1,222 @@
+"""`unif2ace demo`: the whole system end to end on a CPU in about 15 minutes (`--quick`: under 2).
+
+Stages (each caches its result under `out`, so a second run skips finished stages):
+
+    data              render synthetic faces (train / validation / test splits by identity)
+    text_tokenizer    byte-level BPE on the train split's short captions, questions and answers
+    image_tokenizer   LFQ autoencoder, 32 px → 4 × 4 = 16 tokens of 256 codes
+    train             a small UniF2ace (D3Diff loss, grouped token MoE and sequence MoE) on mixed batches
+    eval              attribute classifier, generation / understanding / caption metrics, the demo grid
+
+The demo trains text-to-face on the short caption form (`unif2ace.training.data.short_caption`): a fixed-order list
+of the key visible attributes. It keeps sequences short, so a ~2M-parameter model learns both directions in
+minutes on two CPU cores.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from unif2ace.training.config import TrainConfig
+
+
+@dataclass
+class DemoConfig:
+    out: str = "artifacts/demo"
+    seed: int = 0
+    threads: int = 0                   # torch CPU threads; 0 = all cores, or 1 when the machine is already busy
+    # data
+    num_images: int = 2500
+    resolution: int = 32
+    # tokenizers
+    text_vocab_size: int = 600
+    tokenizer_channels: int = 16
+    code_bits: int = 8                 # 256 image codes
+    tokenizer_steps: int = 600
+    tokenizer_batch: int = 16
+    tokenizer_max_seconds: float = 150.0
+    # model and training
+    model_preset: str = "tiny"
+    model_overrides: dict = field(default_factory=lambda: dict(
+        num_layers=3, hidden_size=128, num_heads=4, rotary_dim=16, experts_per_group=4, moe_top_k=2,
+        expert_hidden_size=128, shared_hidden_size=256, max_position_embeddings=128, caption_dropout=0.1))
+    steps: int = 3000                  # upper bound; the demo measures its step time and fits train_seconds
+    min_steps: int = 100
+    train_seconds: float = 450.0
+    batch_size: int = 32
+    lr: float = 3e-3
+    warmup_steps: int = 100
+    train_max_seconds: float = 480.0   # hard stop (with a checkpoint) if the machine slows down mid-run
+    # evaluation
+    classifier_steps: int = 400
+    num_generate: int = 64
+    num_vqa: int = 300
+    num_captions: int = 48
+    sample_steps: int = 12
+    guidance_scale: float = 3.0
+    grid_images: int = 16
+
+    @classmethod
+    def quick(cls, out: str = "artifacts/demo-quick") -> "DemoConfig":
+        return cls(out=out, num_images=240, text_vocab_size=400, tokenizer_steps=40, tokenizer_max_seconds=20,
+                   steps=30, min_steps=30, train_seconds=30, batch_size=16, warmup_steps=5, train_max_seconds=30, classifier_steps=40,
+                   num_generate=8, num_vqa=32, num_captions=8, sample_steps=4, grid_images=8,
+                   model_overrides=dict(num_layers=1, hidden_size=64, num_heads=2, rotary_dim=16, experts_per_group=2,
+                                        moe_top_k=1, expert_hidden_size=64, shared_hidden_size=64,
+                                        max_position_embeddings=128))
+
+
+class Stages:
+    """Runs named stages once: a stage whose marker file exists is skipped; wall times go to timings.json."""
+
+    def __init__(self, out: str):
+        self.out = out
+        self.path = os.path.join(out, "timings.json")
+        self.times = json.load(open(self.path)) if os.path.exists(self.path) else {}
+
+    def run(self, name: str, fn) -> None:
+        marker = os.path.join(self.out, f".done-{name}")
+        if os.path.exists(marker):
+            print(f"[{name}] cached ({self.times.get(name, 0):.1f}s when it ran)")
+            return
+        print(f"[{name}] ...", flush=True)
+        t0 = time.time()
+        fn()
+        self.times[name] = time.time() - t0
+        with open(self.path, "w") as f:
+            json.dump(self.times, f, indent=1)
+        open(marker, "w").close()
+        print(f"[{name}] done in {self.times[name]:.1f}s", flush=True)
+
+
+def run_demo(cfg: DemoConfig, docs_dir: str = "") -> dict:
+    from unif2ace.data import write_synthetic_dataset
+    from unif2ace.evaluation import evaluate, markdown_table
+    from unif2ace.pipeline import FacePipeline, image_grid, tensor_to_pil
+    from unif2ace.training.data import question_prompt, short_caption
+    from unif2ace.training.trainer import train
+
+    torch.manual_seed(cfg.seed)
+    t_all = time.time()
+    cores = os.cpu_count() or 1
+    busy = hasattr(os, "getloadavg") and os.getloadavg()[0] > 0.75 * cores
+    threads = cfg.threads or (1 if busy else cores)
+    torch.set_num_threads(threads)  # on a shared, busy CPU one thread is several times faster than oversubscribing
+    print(f"unif2ace demo → {cfg.out} ({threads} CPU thread(s){'; machine busy' if busy else ''})")
+    os.makedirs(cfg.out, exist_ok=True)
+    with open(os.path.join(cfg.out, "demo_config.json"), "w") as f:
+        json.dump(asdict(cfg), f, indent=1)
+    data_dir = os.path.join(cfg.out, "data")
+    tok_dir = os.path.join(cfg.out, "tokenizers")
+    run_dir = os.path.join(cfg.out, "pipeline")
+    stages = Stages(cfg.out)
+
+    def records(split):
+        with open(os.path.join(data_dir, "index.jsonl")) as f:
+            return [r for r in map(json.loads, f) if r["split"] == split]
+
+    stages.run("data", lambda: write_synthetic_dataset(data_dir, cfg.num_images, resolution=cfg.resolution,
+                                                       seed=cfg.seed))
+
+    def text_tokenizer():
+        from unif2ace.tokenizers import TextTokenizer
+
+        texts = []
+        for r in records("train"):
+            texts.append(short_caption(r["attributes"]))
+            texts += [question_prompt(q["question"]) + " " + q["answer"] for q in r["vqa"]]
+        TextTokenizer.train(texts, vocab_size=cfg.text_vocab_size).save_pretrained(
+            os.path.join(tok_dir, "text_tokenizer"))
+
+    stages.run("text_tokenizer", text_tokenizer)
+
+    def image_tokenizer():
+        from unif2ace.data import FaceDataset
+        from unif2ace.tokenizers import ImageTokenizerConfig, train_image_tokenizer
+        from unif2ace.tokenizers.image import TrainConfig as TokTrainConfig
+
+        ds = FaceDataset(data_dir, split="train", image_size=cfg.resolution)
+        images = torch.stack([ds[i]["image"] for i in range(len(ds))])
+        icfg = ImageTokenizerConfig(ch=cfg.tokenizer_channels, enc_ch_mult=(1, 2, 2, 4), enc_num_res_blocks=(1, 1, 1, 1),
+                                    dec_ch_mult=(1, 2, 2, 4), dec_num_res_blocks=(1, 1, 1, 1), code_bits=cfg.code_bits,
+                                    norm_groups=8, mid_attn=False, image_size=cfg.resolution)
+        tcfg = TokTrainConfig(batch_size=cfg.tokenizer_batch, lr=2e-3, warmup_steps=min(50, cfg.tokenizer_steps // 5))
+        model, hist = train_image_tokenizer(images, icfg, cfg.tokenizer_steps, train=tcfg, seed=cfg.seed,
+                                            max_seconds=cfg.tokenizer_max_seconds)
+        model.save_pretrained(os.path.join(tok_dir, "image_tokenizer"))
+        print(f"  image tokenizer: {len(hist)} log points, last PSNR {hist[-1]['psnr']:.1f} dB")
+
+    stages.run("image_tokenizer", image_tokenizer)
+
+    tcfg = TrainConfig(data_dir=data_dir, tokenizer_dir=tok_dir, out_dir=run_dir, cache_dir=os.path.join(cfg.out, "cache"),
+                       model_preset=cfg.model_preset, model_overrides=dict(cfg.model_overrides), steps=cfg.steps,
+                       batch_size=cfg.batch_size, micro_batch_size=cfg.batch_size, lr=cfg.lr,
+                       warmup_steps=cfg.warmup_steps, checkpoint_every=max(50, cfg.steps // 5), resume=True,
+                       max_seconds=cfg.train_max_seconds, seed=cfg.seed)
+
+    def train_stage():
+        steps_path = os.path.join(cfg.out, "train_steps.json")
+        if not os.path.exists(steps_path) and cfg.min_steps >= cfg.steps:
+            with open(steps_path, "w") as f:
+                json.dump({"steps": cfg.steps}, f)
+        if not os.path.exists(steps_path):
+            # measure a few steps on this machine, then fit the step count into the time budget
+            probe = dataclasses.replace(tcfg, out_dir=os.path.join(cfg.out, "calibrate"), stop_after=4, resume=False,
+                                        progress=False, checkpoint_every=10**9)
+            train(probe)
+            with open(os.path.join(probe.out_dir, "train_log.jsonl")) as f:
+                times = sorted(json.loads(line)["step_time"] for line in f)
+            per_step = times[len(times) // 2]
+            steps = int(min(cfg.steps, max(cfg.min_steps, cfg.train_seconds / per_step)))
+            with open(steps_path, "w") as f:
+                json.dump({"steps": steps, "seconds_per_step": per_step}, f)
+            print(f"  {per_step:.2f}s per step here → {steps} steps")
+        with open(steps_path) as f:
+            steps = json.load(f)["steps"]
+        train(dataclasses.replace(tcfg, steps=steps, warmup_steps=min(cfg.warmup_steps, max(1, steps // 10)),
+                                  checkpoint_every=max(25, steps // 5)))
+
+    stages.run("train", train_stage)
+
+    eval_dir = os.path.join(cfg.out, "eval")
+
+    def evaluation():
+        pipe = FacePipeline.from_pretrained(run_dir)
+        res = evaluate(pipe, data_dir, out_dir=eval_dir, classifier_steps=cfg.classifier_steps,
+                       num_generate=cfg.num_generate, num_vqa=cfg.num_vqa, num_captions=cfg.num_captions,
+                       steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale, seed=cfg.seed)
+        gen = res["generated"]
+        k = min(cfg.grid_images, len(gen["prompts"]))
+        grid = image_grid(tensor_to_pil(gen["images"][:k]), columns=4, captions=gen["prompts"][:k], scale=4,
+                          caption_lines=8)
+        grid.save(os.path.join(cfg.out, "demo_grid.png"))
+
+    stages.run("eval", evaluation)
+
+    # --- report ---
+    with open(os.path.join(eval_dir, "eval.json")) as f:
+        res = json.load(f)
+    print("\nQuestions on held-out faces (answer / ground truth):")
+    for ex in res["vqa_examples"][:8]:
+        print(f"  {ex['image']}: {ex['question']}  ->  {ex['answer']!r}  (truth: {ex['truth']!r})")
+    print("\nCaptions of held-out faces:")
+    for ex in res["caption_examples"][:3]:
+        print(f"  model: {ex['caption']}\n  truth: {ex['truth']}")
+    with open(os.path.join(eval_dir, "eval_table.md")) as f:
+        table = f.read()
+    print("\n" + table)
+    times = json.load(open(stages.path))
+    print("Stage wall times: " + ", ".join(f"{k} {v:.1f}s" for k, v in times.items())
+          + f"; total {sum(times.values()):.1f}s (this invocation {time.time() - t_all:.1f}s)")
+    print(f"Grid of generated faces: {os.path.join(cfg.out, 'demo_grid.png')}")
+    if docs_dir:
+        os.makedirs(docs_dir, exist_ok=True)
+        shutil.copy(os.path.join(cfg.out, "demo_grid.png"), os.path.join(docs_dir, "demo_grid.png"))
+        shutil.copy(os.path.join(eval_dir, "eval_table.md"), os.path.join(docs_dir, "eval_table.md"))
+    return {"eval": res, "times": times}
