@@ -24,12 +24,13 @@ HERE = Path(__file__).resolve().parent
 
 # name -> (module, CPU arguments, quick CPU arguments, GPU arguments)
 BENCHMARKS = {
-    "loss": ("benchmarks.bench_loss", [], ["--n", "2048", "--dtype", "float32"], ["--device", "cuda"]),
-    "sampling": ("benchmarks.bench_sampling", [], ["--sizes", "256", "--dtype", "float32", "--repeat", "3"],
-                 ["--device", "cuda"]),
-    "moe": ("benchmarks.bench_moe", [], ["--tokens", "2048", "--dtype", "float32", "--repeat", "2"],
+    "loss": ("benchmarks.bench_loss", ["--repeat", "2"], ["--n", "2048", "--dtype", "float32"],
+             ["--device", "cuda"]),
+    "sampling": ("benchmarks.bench_sampling", ["--repeat", "3"], ["--sizes", "256", "--dtype", "float32",
+                                                                   "--repeat", "3"], ["--device", "cuda"]),
+    "moe": ("benchmarks.bench_moe", ["--repeat", "3"], ["--tokens", "2048", "--dtype", "float32", "--repeat", "2"],
             ["--device", "cuda"]),
-    "train_step": ("benchmarks.bench_model_step", [], ["--presets", "tiny", "--repeat", "2"],
+    "train_step": ("benchmarks.bench_model_step", ["--repeat", "2"], ["--presets", "tiny", "--repeat", "2"],
                    ["--device", "cuda", "--presets", "small,medium"]),
 }
 
