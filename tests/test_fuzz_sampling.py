@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from unif2ace.ops import maskgit_generate, maskgit_step, philox_noise, sample_next_token
 from unif2ace.ops import reference as ref
 
-FUZZ = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 LOGITS = [torch.float32, torch.bfloat16, torch.float16]
 SPECIALS = [1e4, -1e4, float("inf"), float("-inf"), float("nan")]
 BAD_SEEDS = [-1, 2**63, 2**64]
@@ -269,7 +269,7 @@ def test_philox_noise_fuzz(shape, kind, seed, offset, negative):
 # ----------------------------------------------------------------------------------------------------------
 # maskgit_generate (small)
 # ----------------------------------------------------------------------------------------------------------
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     st.integers(0, 2), st.integers(0, 7), st.integers(1, 12), st.integers(0, 4), st.sampled_from([0.0, 2.0]),
     st.sampled_from([None, "ok", "shape", "bad_token"]), st.sampled_from(["ok", "ok", "ok", "shape", "single"]),
