@@ -116,8 +116,10 @@ inline View view(const py::capsule& capsule, const char* name) {
   else if (dt.code == kDLInt && dt.bits == 64) v.kind = Kind::kInt64;
   else if (dt.code == kDLInt && dt.bits == 32) v.kind = Kind::kInt32;
   else if (dt.code == kDLBool || (dt.code == kDLUInt && dt.bits == 8)) v.kind = Kind::kBool;
-  // Row-major contiguity (size-1 dimensions may carry any stride).
-  if (t.strides != nullptr) {
+  // Row-major contiguity (size-1 dimensions may carry any stride; a tensor without elements has no layout).
+  int64_t numel = 1;
+  for (int32_t i = 0; i < t.ndim; ++i) numel *= t.shape[i];
+  if (t.strides != nullptr && numel != 0) {
     int64_t expected = 1;
     for (int32_t i = t.ndim - 1; i >= 0; --i) {
       if (t.shape[i] != 1 && t.strides[i] != expected)

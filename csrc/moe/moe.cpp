@@ -314,6 +314,7 @@ Status permute_rows_cpu(const void* src, DType dtype, int64_t n_tokens, int64_t 
                              " is outside [0, " + std::to_string(n_tokens * top_k) + ")");
   }
   const size_t row_bytes = static_cast<size_t>(hidden) * element_size(dtype);
+  if (row_bytes == 0) return Status::Ok();  // H = 0: nothing to copy, and the data pointers may be null
   const char* in = static_cast<const char*>(src);
   char* o = static_cast<char*>(out);
 #pragma omp parallel for schedule(static) if (static_cast<int64_t>(row_bytes) * n_rows > 4 * kParallelWork)

@@ -417,7 +417,27 @@ def grouped_mlp(
     """
     if activation not in _ACTIVATIONS:
         raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {activation!r}")
-    n_exp = w1.shape[0]
+    _check_float(x_sorted, "x_sorted", 2)
+    _check_float(w1, "w1", 3)
+    n_exp, f, h = w1.shape
+    if n_exp == 0:
+        raise ValueError("w1: needs at least one expert")
+    if h != x_sorted.shape[1]:
+        raise ValueError(f"w1: expected [{n_exp}, F, {x_sorted.shape[1]}] (the width of x_sorted), "
+                         f"got {list(w1.shape)}")
+    _check_float(w2, "w2", 3)
+    h_out = w2.shape[1]
+    for name, t, shape in (("b1", b1, (n_exp, f)), ("w2", w2, (n_exp, h_out, f)), ("b2", b2, (n_exp, h_out))):
+        _check_float(t, name, len(shape))
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name}: expected shape {list(shape)}, got {list(t.shape)}")
+    for name, t in (("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)):
+        if t.dtype != x_sorted.dtype or t.device != x_sorted.device:
+            raise ValueError(f"{name}: must have the dtype and device of x_sorted ({x_sorted.dtype}, "
+                             f"{x_sorted.device}), got {t.dtype}, {t.device}")
+    if not isinstance(expert_offsets, Tensor) or expert_offsets.dtype != torch.int64:
+        got = expert_offsets.dtype if isinstance(expert_offsets, Tensor) else type(expert_offsets).__name__
+        raise ValueError(f"expert_offsets: expected an int64 tensor, got {got}")
     if expert_offsets.shape != (n_exp + 1,):
         raise ValueError(f"expert_offsets: expected shape [{n_exp + 1}], got {list(expert_offsets.shape)}")
     offs = expert_offsets.tolist()  # host read (a sync on CUDA), see the docstring
@@ -431,6 +451,20 @@ def grouped_mlp(
 def balance_loss(expert_counts: Tensor, router_prob_mean: Tensor, num_groups: int) -> Tensor:
     """Σ_g E·Σ_e f_e·P_e (DESIGN §5): f_e = expert_counts / (the group's routed (token, slot) pairs),
     P_e = router_prob_mean. A group without tokens contributes 0. Differentiable through router_prob_mean."""
+    if not isinstance(num_groups, int) or num_groups <= 0:
+        raise ValueError(f"num_groups: must be a positive int, got {num_groups!r}")
+    if not isinstance(expert_counts, Tensor) or expert_counts.dim() != 1 or expert_counts.dtype != torch.int64:
+        got = (f"{expert_counts.dtype} {list(expert_counts.shape)}" if isinstance(expert_counts, Tensor)
+               else type(expert_counts).__name__)
+        raise ValueError(f"expert_counts: expected a 1-D int64 tensor [G·E], got {got}")
+    _check_float(router_prob_mean, "router_prob_mean", 1)
+    n = expert_counts.shape[0]
+    if n == 0 or n % num_groups != 0:
+        raise ValueError(f"expert_counts: the length ({n}) must be a positive multiple of num_groups "
+                         f"({num_groups})")
+    if router_prob_mean.shape != expert_counts.shape:
+        raise ValueError(f"router_prob_mean: expected shape [{n}] (that of expert_counts), "
+                         f"got {list(router_prob_mean.shape)}")
     counts = expert_counts.view(num_groups, -1).to(router_prob_mean.dtype)
     n_experts = counts.shape[1]
     frac = counts / counts.sum(1, keepdim=True).clamp(min=1)
