@@ -91,6 +91,7 @@ def main(argv=None):
     p.add_argument("--h", type=int, default=None)
     p.add_argument("--k", type=int, default=None)
     p.add_argument("--masked", type=float, default=1.0, help="fraction of rows that are masked (contribute)")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
@@ -102,7 +103,7 @@ def main(argv=None):
     ks = [args.k] if args.k else ([8192, 58498] if gpu else [8192])
     results = []
     for k in ks:
-        _, r = run(args.n, h, k, dtypes, args.device, args.repeat, args.masked)
+        _, r = run(args.n, h, k, dtypes, args.device, args.repeat, args.masked, variants=args.variants.split(","))
         results += r
     if args.json:
         with open(args.json, "w") as f:
