@@ -149,6 +149,9 @@ def main(argv=None):
                proc.stdout.strip(), "```", ""]
         if png:
             md += [f"![{name}]({png.name})", ""]
+        # Written after every benchmark, so an interrupted run keeps what it measured.
+        (out / f"{stem}.md").write_text("\n".join(md))
+        (out / f"{stem}.json").write_text(json.dumps(report, indent=2))
     (out / f"{stem}.md").write_text("\n".join(md))
     (out / f"{stem}.json").write_text(json.dumps(report, indent=2))
     print(f"wrote {out / (stem + '.md')} and {out / (stem + '.json')}")
