@@ -71,6 +71,8 @@ def plot(rows, path, title):
     except ImportError:
         print("matplotlib is not installed: no plot (pip install matplotlib)")
         return None
+    for r in rows:  # rows without a config label are grouped by their dtype
+        r.setdefault("config", str(r.get("dtype", "")))
     configs = []
     for r in rows:
         if r["config"] not in configs:

@@ -193,7 +193,7 @@ def main(argv=None):
                 t, mem = r[v]["time_s"], r[v]["peak_bytes"]
                 rows.append([what, dtype, v, ms(t), ms(r[v]["cpu_s"]), f"{base['time_s'] / t:.2f}x", mib(mem),
                              f"{mem / max(1, base['peak_bytes']):.2f}x", match if v == "kernels" else ""])
-                results.append(dict(part=part, dtype=dtype, variant=v, size=size, **r[v]))
+                results.append(dict(config=f"{what} {dtype}", part=part, dtype=dtype, variant=v, size=size, **r[v]))
     table = format_table(["what", "dtype", "variant", "fwd+bwd ms (median)", "CPU ms", "speed-up", "peak extra MiB",
                           "memory ratio", "kernels vs reference (max rel. diff)"], rows)
     print(f"Grouped MoE forward+backward on {args.device}, {size} — {machine_line()}")
