@@ -20,13 +20,6 @@ def make_batch(n, k, dtype=torch.float64, scale=3.0, ignore_frac=0.35, requires_
     return logits, target, gamma
 
 
-def both(fn_kernel, fn_ref, inputs, grad_out_seed=1):
-    out_k = fn_kernel(*inputs)
-    out_r = fn_ref(*[x.detach().double().requires_grad_(x.requires_grad) if x.is_floating_point() else x
-                     for x in inputs])
-    return out_k, out_r
-
-
 @pytest.mark.parametrize("score", SCORES)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("schedule", ["cosine", "linear"])
