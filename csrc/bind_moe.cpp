@@ -316,6 +316,41 @@ void unpermute_sum_backward(const py::capsule& grad_out_c, const py::capsule& ro
   raise_if_error(s);
 }
 
+void scatter_add_rows(const py::capsule& out_c, const py::capsule& rows_c, const py::capsule& slots_c, int64_t top_k,
+                      const py::object& weights_c, uintptr_t stream) {
+  View out = view(out_c, "out"), rows = view(rows_c, "rows"), slots = view(slots_c, "slots");
+  auto w = opt_view(weights_c, "weights");
+  expect_kind(rows, kFloatKinds);
+  expect_dim(rows, 2);
+  if (top_k <= 0) fail("top_k: must be positive");
+  expect_kind(out, {rows.acc_kind()});
+  expect_dim(out, 2);
+  const int64_t t = out.size(0);
+  expect_shape(out, {t, rows.size(1)});
+  expect_same_device(rows, out);
+  check_int64(rows, slots, {rows.size(0)});
+  if (w) check_acc_vector(rows, *w, {t * top_k});
+  if (rows.cuda) {
+#ifdef UNIF2ACE_WITH_CUDA
+    py::gil_scoped_release release;
+    raise_if_error(moe::scatter_add_rows_cuda(rows.data, rows.float_dtype(), rows.size(0), rows.size(1), top_k,
+                                              slots.ptr<int64_t>(), t, static_cast<const float*>(opt_data(w)),
+                                              out.ptr<float>(), rows.device, reinterpret_cast<void*>(stream)));
+    return;
+#else
+    (void)stream;
+    no_cuda("moe_scatter_add_rows");
+#endif
+  }
+  Status s;
+  {
+    py::gil_scoped_release release;
+    s = moe::scatter_add_rows_cpu(rows.data, rows.float_dtype(), rows.size(0), rows.size(1), top_k,
+                                  slots.ptr<int64_t>(), t, opt_data(w), out.data);
+  }
+  raise_if_error(s);
+}
+
 int64_t gate_block_tokens() {
 #ifdef UNIF2ACE_WITH_CUDA
   return moe::gate_block_tokens();
@@ -358,6 +393,9 @@ void bind_moe(py::module_& m) {
   m.def("moe_unpermute_sum_backward", &unpermute_sum_backward, py::arg("grad_y"), py::arg("y_sorted"),
         py::arg("sorted_slot"), py::arg("gates"), py::arg("grad_y_sorted"), py::arg("grad_gates"),
         py::arg("stream") = 0, "Backward of the weighted combine.");
+  m.def("moe_scatter_add_rows", &scatter_add_rows, py::arg("out"), py::arg("rows"), py::arg("slots"),
+        py::arg("top_k"), py::arg("weights") = none, py::arg("stream") = 0,
+        "out[slots[i] // top_k] += weights[slots[i]] * rows[i] (the slots' tokens distinct).");
   m.def("moe_gate_block_tokens", &gate_block_tokens, "Tokens per block of the CUDA gating kernel.");
   m.def("moe_sort_block_slots", &sort_block_slots, "Slots per block of the CUDA sort kernels.");
 }

@@ -215,6 +215,20 @@ void unpermute_sum_backward(const T* grad_out, const T* rows, int64_t n_rows, in
   }
 }
 
+template <typename T, typename A = typename Acc<T>::type>
+void scatter_add_rows(const T* rows, int64_t n_rows, int64_t hidden, int64_t top_k, const int64_t* slots,
+                      const A* weights, A* out) {
+#pragma omp parallel for schedule(static) if (n_rows * hidden > kParallelWork)
+  for (int64_t i = 0; i < n_rows; ++i) {
+    const int64_t s = slots[i];
+    const A w = weights != nullptr ? weights[s] : A(1);
+    const T* r = rows + i * hidden;
+    A* o = out + (s / top_k) * hidden;
+#pragma omp simd
+    for (int64_t h = 0; h < hidden; ++h) o[h] += w * widen(r[h]);
+  }
+}
+
 }  // namespace
 
 Status gate_forward_cpu(const void* logits, DType dtype, int64_t n_tokens, int64_t n_groups, int64_t n_experts,
@@ -356,6 +370,30 @@ Status unpermute_sum_backward_cpu(const void* grad_out, const void* rows, DType 
     unpermute_sum_backward(static_cast<const T*>(grad_out), static_cast<const T*>(rows), n, hidden, top_k,
                            sorted_slot, static_cast<const A*>(weights), static_cast<T*>(grad_rows),
                            static_cast<A*>(grad_weights));
+  });
+  return Status::Ok();
+}
+
+Status scatter_add_rows_cpu(const void* rows, DType dtype, int64_t n_rows, int64_t hidden, int64_t top_k,
+                            const int64_t* slots, int64_t n_tokens, const void* weights, void* out) {
+  if (top_k <= 0 || n_rows < 0 || hidden < 0 || n_tokens < 0)
+    return Status::Invalid("moe_scatter_add_rows: need top_k > 0 and non-negative sizes");
+  std::vector<uint8_t> seen(static_cast<size_t>(n_tokens), 0);
+  for (int64_t i = 0; i < n_rows; ++i) {
+    const int64_t s = slots[i];
+    if (s < 0 || s / top_k >= n_tokens)
+      return Status::Invalid("slots: entry " + std::to_string(i) + " = " + std::to_string(s) + " is outside [0, " +
+                             std::to_string(n_tokens * top_k) + ")");
+    if (seen[s / top_k]++)
+      return Status::Invalid("slots: token " + std::to_string(s / top_k) +
+                             " appears twice (the rows of one call must belong to distinct tokens)");
+  }
+  if (hidden == 0) return Status::Ok();
+  dispatch_float(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using A = typename Acc<T>::type;
+    scatter_add_rows(static_cast<const T*>(rows), n_rows, hidden, top_k, slots, static_cast<const A*>(weights),
+                     static_cast<A*>(out));
   });
   return Status::Ok();
 }

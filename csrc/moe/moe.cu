@@ -310,6 +310,20 @@ __global__ void unpermute_sum_backward_kernel(const T* grad_out, const T* rows, 
   }
 }
 
+// One block per row; the caller guarantees distinct tokens across the rows, so no two blocks touch one output row.
+template <typename T>
+__global__ void scatter_add_rows_kernel(const T* rows, int64_t n_rows, int64_t hidden, int64_t top_k,
+                                        const int64_t* slots, int64_t n_tokens, const float* weights, float* out) {
+  for (int64_t i = blockIdx.x; i < n_rows; i += gridDim.x) {
+    const int64_t s = slots[i];
+    if (s < 0 || s / top_k >= n_tokens) continue;
+    const float w = weights != nullptr ? weights[s] : 1.0f;
+    const T* r = rows + i * hidden;
+    float* o = out + (s / top_k) * hidden;
+    for (int64_t h = threadIdx.x; h < hidden; h += blockDim.x) o[h] += w * cuda::load_float(r + h);
+  }
+}
+
 size_t dtype_bytes(DType dtype) { return dtype == DType::kFloat32 ? 4 : 2; }
 
 Status reject_fp64(DType dtype, const char* op) {
@@ -467,6 +481,25 @@ Status unpermute_sum_backward_cuda(const void* grad_out, const void* rows, DType
         weights, static_cast<T*>(grad_rows), grad_weights);
   });
   return cuda::check_launch("moe unpermute_sum_backward kernel");
+}
+
+Status scatter_add_rows_cuda(const void* rows, DType dtype, int64_t n_rows, int64_t hidden, int64_t top_k,
+                             const int64_t* slots, int64_t n_tokens, const float* weights, float* out, int device,
+                             void* stream) {
+  Status st = reject_fp64(dtype, "moe_scatter_add_rows");
+  if (!st.ok()) return st;
+  if (top_k <= 0 || n_rows < 0 || hidden < 0 || n_tokens < 0)
+    return Status::Invalid("moe_scatter_add_rows: need top_k > 0 and non-negative sizes");
+  cuda::DeviceGuard guard(device);
+  if (!guard.status().ok()) return guard.status();
+  if (n_rows == 0 || hidden == 0) return Status::Ok();
+  auto s = static_cast<cudaStream_t>(stream);
+  dispatch_half_float(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    scatter_add_rows_kernel<T><<<grid_for(n_rows), kRowThreads, 0, s>>>(static_cast<const T*>(rows), n_rows, hidden,
+                                                                        top_k, slots, n_tokens, weights, out);
+  });
+  return cuda::check_launch("moe scatter_add_rows kernel");
 }
 
 }  // namespace moe

@@ -86,8 +86,12 @@ class GroupedTokenMoE(nn.Module):
     (True = real token, optional)) → (y [B, L, H], balance_loss). Padding tokens are still computed (their
     output is defined) but left out of the routing statistics of the balance loss.
 
-    On CUDA the kernels backend reads the expert offsets on the host to slice the grouped products (one sync per
-    grouped product; see `unif2ace.ops.moe.grouped_mlp`).
+    backend="kernels": moe_gate, moe_sort, then the fused moe_experts (routed experts, then the shared ones as a
+    second pass with k = 1), which never stores the [T·k, H] sorted copies of x, of the expert outputs or of their
+    gradients: the backward keeps x, the gates and the experts' hidden pre-activations [T·k, F]. recompute=True
+    drops those too and recomputes them in the backward (one more x·W1ᵀ product per expert), so the layer then
+    saves nothing of size T·k. On CUDA the expert offsets are read on the host to slice the per-expert products
+    (one sync per pass).
     """
 
     def __init__(
@@ -102,6 +106,7 @@ class GroupedTokenMoE(nn.Module):
         shared_hidden_size: Optional[int] = None,
         renormalize: bool = True,
         activation: str = "gelu_tanh",
+        recompute: bool = False,
         backend: str = "kernels",
         device=None,
         dtype=None,
@@ -118,6 +123,7 @@ class GroupedTokenMoE(nn.Module):
         self.hidden_size, self.expert_hidden_size = hidden_size, expert_hidden_size
         self.num_groups, self.experts_per_group, self.top_k = num_groups, experts_per_group, top_k
         self.renormalize, self.activation, self.backend = renormalize, activation, _check_backend(backend)
+        self.recompute = bool(recompute)
         ne, h, f = num_groups * experts_per_group, hidden_size, expert_hidden_size
         kw = {"device": device, "dtype": dtype}
         self.router = nn.Parameter(torch.empty(num_groups, experts_per_group, h, **kw))
@@ -180,15 +186,14 @@ class GroupedTokenMoE(nn.Module):
         gates, ids, counts, prob_mean = moe_ops.moe_gate(
             logits, gid, num_groups=g, top_k=self.top_k, renormalize=self.renormalize, token_mask=mask
         )
-        x_sorted, offsets, sorted_slot = moe_ops.moe_dispatch(x2, ids, ne)
-        y_sorted = moe_ops.grouped_mlp(x_sorted, offsets, self.w1, self.b1, self.w2, self.b2, self.activation)
-        y = moe_ops.moe_combine(y_sorted, gates, sorted_slot)
+        offsets, sorted_slot = moe_ops.moe_sort(ids, ne)
+        y = moe_ops.moe_experts(x2, gates, sorted_slot, offsets, self.w1, self.b1, self.w2, self.b2,
+                                self.activation, recompute=self.recompute)
         if self.shared_expert:
-            # The shared experts as a second grouped product: tokens sorted by group (k = 1, weight 1).
-            xg, offs_g, slot_g = moe_ops.moe_dispatch(x2, gid[:, None], g)
-            yg = moe_ops.grouped_mlp(xg, offs_g, self.shared_w1, self.shared_b1, self.shared_w2, self.shared_b2,
-                                     self.activation)
-            y = y + torch.ops.unif2ace.moe_unpermute(yg, None, slot_g, 1)
+            # The shared experts as a second fused pass: tokens sorted by group (k = 1, weight 1).
+            offs_g, slot_g = moe_ops.moe_sort(gid[:, None], g)
+            y = y + moe_ops.moe_experts(x2, None, slot_g, offs_g, self.shared_w1, self.shared_b1, self.shared_w2,
+                                        self.shared_b2, self.activation, recompute=self.recompute)
         return y, moe_ops.balance_loss(counts, prob_mean, g)
 
     def _forward_reference(self, x2, gid, mask, logits):

@@ -303,6 +303,21 @@ def _unpermute_backward(ctx, grad_y):
 _moe_unpermute.register_autograd(_unpermute_backward, setup_context=_unpermute_setup)
 
 
+def moe_sort(expert_ids: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
+    """The expert-sorted order of the (token, slot) pairs of `expert_ids [T, k]` (int64 in [0, num_experts)), without
+    moving any rows: (expert_offsets [num_experts + 1], sorted_slot [T·k]) as moe_dispatch returns them — what
+    moe_experts needs."""
+    if not isinstance(expert_ids, Tensor) or expert_ids.dim() != 2 or expert_ids.dtype != torch.int64:
+        got = (f"{expert_ids.dtype} {list(expert_ids.shape)}" if isinstance(expert_ids, Tensor)
+               else type(expert_ids).__name__)
+        raise ValueError(f"expert_ids: expected a 2-D int64 tensor [T, k], got {got}")
+    if expert_ids.shape[1] == 0:
+        raise ValueError("expert_ids: top_k (its second dimension) must be positive")
+    if not isinstance(num_experts, int) or num_experts <= 0:
+        raise ValueError(f"num_experts: must be a positive int, got {num_experts!r}")
+    return torch.ops.unif2ace.moe_sort(expert_ids, num_experts)
+
+
 def moe_dispatch(x: Tensor, expert_ids: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
     """Gather the rows of `x [T, H]` into expert order for `expert_ids [T, k]` (int64 in [0, num_experts)).
 
@@ -316,11 +331,7 @@ def moe_dispatch(x: Tensor, expert_ids: Tensor, num_experts: int) -> tuple[Tenso
         raise ValueError(f"expert_ids: expected a 2-D tensor [T, k], got "
                          f"{list(expert_ids.shape) if isinstance(expert_ids, Tensor) else type(expert_ids).__name__}")
     _check_index(expert_ids, "expert_ids", (x.shape[0], expert_ids.shape[1]), x.device)
-    if expert_ids.shape[1] == 0:
-        raise ValueError("expert_ids: top_k (its second dimension) must be positive")
-    if not isinstance(num_experts, int) or num_experts <= 0:
-        raise ValueError(f"num_experts: must be a positive int, got {num_experts!r}")
-    offsets, sorted_slot = torch.ops.unif2ace.moe_sort(expert_ids, num_experts)
+    offsets, sorted_slot = moe_sort(expert_ids, num_experts)
     x_sorted = torch.ops.unif2ace.moe_permute(x, sorted_slot, expert_ids.shape[1])
     return x_sorted, offsets, sorted_slot
 
@@ -339,6 +350,44 @@ def moe_combine(y_sorted: Tensor, gates: Tensor, sorted_slot: Tensor) -> Tensor:
         raise ValueError(f"gates: must be on {y_sorted.device}, got {gates.device}")
     _check_index(sorted_slot, "sorted_slot", (n_tokens * top_k,), y_sorted.device)
     return torch.ops.unif2ace.moe_unpermute(y_sorted, gates.to(_acc_dtype(y_sorted)), sorted_slot, top_k)
+
+
+@torch.library.custom_op("unif2ace::moe_scatter_add_rows", mutates_args=("out",))
+def _moe_scatter_add_rows(out: Tensor, rows: Tensor, slots: Tensor, top_k: int, weights: Optional[Tensor]) -> None:
+    _C.moe_scatter_add_rows(dl(out), dl(rows.contiguous()), dl(slots.contiguous()), top_k, _opt_dl(weights),
+                            stream_of(rows))
+
+
+@_moe_scatter_add_rows.register_fake
+def _(out, rows, slots, top_k, weights):
+    return None
+
+
+def moe_scatter_add_rows_(out: Tensor, rows: Tensor, slots: Tensor, top_k: int,
+                          weights: Optional[Tensor] = None) -> Tensor:
+    """In place: out[slots[i] // top_k] += weights[slots[i]] · rows[i] for every row i (weights [T·k] flattened
+    gates, or None for 1). `out [T, H]` is in the accumulation dtype (fp32; fp64 for fp64 rows). The slots must
+    belong to distinct tokens — the rows of one expert do — so a combine that adds expert after expert sums each
+    token's terms in ascending expert order, the same order on every run. Not differentiable (a building block
+    of the fused expert layer's forward and backward). Returns `out`."""
+    _check_float(rows, "rows", 2)
+    if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[1] != rows.shape[1]:
+        raise ValueError(f"out: expected a 2-D tensor [T, {rows.shape[1]}], got {list(getattr(out, 'shape', []))}")
+    if out.dtype != _acc_dtype(rows) or not out.is_contiguous():
+        raise ValueError(f"out: must be a contiguous {_acc_dtype(rows)} tensor (the accumulation dtype of "
+                         f"{rows.dtype} rows), got {out.dtype}")
+    _check_index(slots, "slots", (rows.shape[0],), rows.device)
+    if not isinstance(top_k, int) or top_k <= 0:
+        raise ValueError(f"top_k: must be a positive int, got {top_k!r}")
+    if weights is not None:
+        _check_float(weights, "weights", 1)
+        if weights.dtype != out.dtype or weights.shape[0] != out.shape[0] * top_k:
+            raise ValueError(f"weights: expected a {out.dtype} tensor of shape [{out.shape[0] * top_k}], got "
+                             f"{weights.dtype} {list(weights.shape)}")
+    if out.device != rows.device or (weights is not None and weights.device != rows.device):
+        raise ValueError(f"out and weights: must be on {rows.device}")
+    torch.ops.unif2ace.moe_scatter_add_rows(out, rows, slots, top_k, weights)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -398,6 +447,37 @@ class _GroupedMLP(torch.autograd.Function):
         return gx, None, None, gw1, gb1, gw2, gb2
 
 
+def _expert_bounds(expert_offsets: Tensor, x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
+                   n_rows: int, x_name: str) -> tuple:
+    """Checks the stacked expert weights against x [·, H] and returns the experts' (start, end) row ranges, read
+    from expert_offsets on the host."""
+    _check_float(w1, "w1", 3)
+    n_exp, f, h = w1.shape
+    if n_exp == 0:
+        raise ValueError("w1: needs at least one expert")
+    if h != x.shape[1]:
+        raise ValueError(f"w1: expected [{n_exp}, F, {x.shape[1]}] (the width of {x_name}), got {list(w1.shape)}")
+    _check_float(w2, "w2", 3)
+    h_out = w2.shape[1]
+    for name, t, shape in (("b1", b1, (n_exp, f)), ("w2", w2, (n_exp, h_out, f)), ("b2", b2, (n_exp, h_out))):
+        _check_float(t, name, len(shape))
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name}: expected shape {list(shape)}, got {list(t.shape)}")
+    for name, t in (("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)):
+        if t.dtype != x.dtype or t.device != x.device:
+            raise ValueError(f"{name}: must have the dtype and device of {x_name} ({x.dtype}, {x.device}), got "
+                             f"{t.dtype}, {t.device}")
+    if not isinstance(expert_offsets, Tensor) or expert_offsets.dtype != torch.int64:
+        got = expert_offsets.dtype if isinstance(expert_offsets, Tensor) else type(expert_offsets).__name__
+        raise ValueError(f"expert_offsets: expected an int64 tensor, got {got}")
+    if expert_offsets.shape != (n_exp + 1,):
+        raise ValueError(f"expert_offsets: expected shape [{n_exp + 1}], got {list(expert_offsets.shape)}")
+    offs = expert_offsets.tolist()  # host read (a sync on CUDA)
+    if offs[0] != 0 or offs[-1] > n_rows or any(a > b for a, b in zip(offs[:-1], offs[1:])):
+        raise ValueError(f"expert_offsets: must rise from 0 to at most the number of rows ({n_rows}), got {offs}")
+    return tuple(zip(offs[:-1], offs[1:]))
+
+
 def grouped_mlp(
     x_sorted: Tensor,
     expert_offsets: Tensor,
@@ -418,34 +498,134 @@ def grouped_mlp(
     if activation not in _ACTIVATIONS:
         raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {activation!r}")
     _check_float(x_sorted, "x_sorted", 2)
-    _check_float(w1, "w1", 3)
-    n_exp, f, h = w1.shape
-    if n_exp == 0:
-        raise ValueError("w1: needs at least one expert")
-    if h != x_sorted.shape[1]:
-        raise ValueError(f"w1: expected [{n_exp}, F, {x_sorted.shape[1]}] (the width of x_sorted), "
-                         f"got {list(w1.shape)}")
-    _check_float(w2, "w2", 3)
-    h_out = w2.shape[1]
-    for name, t, shape in (("b1", b1, (n_exp, f)), ("w2", w2, (n_exp, h_out, f)), ("b2", b2, (n_exp, h_out))):
-        _check_float(t, name, len(shape))
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{name}: expected shape {list(shape)}, got {list(t.shape)}")
-    for name, t in (("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)):
-        if t.dtype != x_sorted.dtype or t.device != x_sorted.device:
-            raise ValueError(f"{name}: must have the dtype and device of x_sorted ({x_sorted.dtype}, "
-                             f"{x_sorted.device}), got {t.dtype}, {t.device}")
-    if not isinstance(expert_offsets, Tensor) or expert_offsets.dtype != torch.int64:
-        got = expert_offsets.dtype if isinstance(expert_offsets, Tensor) else type(expert_offsets).__name__
-        raise ValueError(f"expert_offsets: expected an int64 tensor, got {got}")
-    if expert_offsets.shape != (n_exp + 1,):
-        raise ValueError(f"expert_offsets: expected shape [{n_exp + 1}], got {list(expert_offsets.shape)}")
-    offs = expert_offsets.tolist()  # host read (a sync on CUDA), see the docstring
-    if offs[0] != 0 or offs[-1] > x_sorted.shape[0] or any(a > b for a, b in zip(offs[:-1], offs[1:])):
-        raise ValueError(f"expert_offsets: must rise from 0 to at most the number of rows ({x_sorted.shape[0]}), "
-                         f"got {offs}")
-    bounds = tuple(zip(offs[:-1], offs[1:]))
+    bounds = _expert_bounds(expert_offsets, x_sorted, w1, b1, w2, b2, n_rows=x_sorted.shape[0], x_name="x_sorted")
     return _GroupedMLP.apply(x_sorted.contiguous(), bounds, activation, w1, b1, w2, b2)
+
+
+class _ExpertLayer(torch.autograd.Function):
+    """Dispatch, the experts' MLPs and the gate-weighted combine as one autograd node, one expert at a time.
+
+    Expert e gathers its token rows (x[slot // k] for its slots), runs its MLP and adds gate · output straight into
+    the [T, H] result (moe_scatter_add_rows), so the [T·k, H] sorted copies of x, of the expert outputs and of
+    their gradients are never stored; the only [T·k, ·] tensor kept for the backward is the experts' hidden
+    pre-activation [T·k, F], and not even that with `recompute` (one more x·W1ᵀ product per expert in the backward).
+
+    The gate gradient uses ⟨dy, MLP(x)⟩ = ⟨dy·W2, act(pre)⟩ + ⟨dy, b2⟩, so the expert outputs need not be kept
+    for it. Summation order: each token's terms are added in ascending expert order, on every run.
+    """
+
+    @staticmethod
+    def forward(ctx, x, gates, sorted_slot, bounds, top_k, activation, recompute, w1, b1, w2, b2):
+        acc = _acc_dtype(x)
+        y = torch.zeros(x.shape, dtype=acc, device=x.device)
+        weights = None if gates is None else gates.reshape(-1)
+        saved_pre = []
+        for e, (a, b) in enumerate(bounds):
+            if b == a:
+                continue
+            slots = sorted_slot[a:b]
+            xe = torch.ops.unif2ace.moe_permute(x, slots, top_k)
+            pre = torch.addmm(b1[e], xe, w1[e].t())
+            ye = torch.addmm(b2[e], _act(pre, activation), w2[e].t())
+            torch.ops.unif2ace.moe_scatter_add_rows(y, ye, slots, top_k, weights)
+            if not recompute:
+                saved_pre.append(pre)
+        ctx.bounds, ctx.top_k, ctx.activation, ctx.recompute = bounds, top_k, activation, recompute
+        ctx.has_gates = gates is not None
+        ctx.save_for_backward(x, gates, sorted_slot, w1, b1, w2, b2, *saved_pre)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, gates, sorted_slot, w1, b1, w2, b2, *saved_pre = ctx.saved_tensors
+        k, act_name = ctx.top_k, ctx.activation
+        acc = _acc_dtype(x)
+        dy = grad_y.to(x.dtype).contiguous()
+        need_x = ctx.needs_input_grad[0]
+        gx = torch.zeros(x.shape, dtype=acc, device=x.device) if need_x else None
+        weights = gates.reshape(-1) if ctx.has_gates else None
+        g_gates = torch.zeros_like(weights) if ctx.has_gates else None
+        # Experts without rows keep zero gradients; every other slice is written in full below.
+        gw1, gw2 = torch.zeros_like(w1), torch.zeros_like(w2)
+        gb1 = w1.new_zeros(w1.shape[0], w1.shape[1])
+        gb2 = w2.new_zeros(w2.shape[0], w2.shape[1])
+        pre_parts = iter(saved_pre)
+        for e, (a, b) in enumerate(ctx.bounds):
+            if b == a:
+                continue
+            slots = sorted_slot[a:b]
+            xe = torch.ops.unif2ace.moe_permute(x, slots, k)
+            dye = torch.ops.unif2ace.moe_permute(dy, slots, k)
+            pre = torch.addmm(b1[e], xe, w1[e].t()) if ctx.recompute else next(pre_parts)
+            hid = _act(pre, act_name)
+            d_hid = torch.mm(dye, w2[e])
+            if weights is not None:
+                # d gate = ⟨dy_t, act(pre)·W2ᵀ + b2⟩ without the expert output: ⟨dy_t·W2, act(pre)⟩ + ⟨dy_t, b2⟩.
+                g_gates[slots] = ((d_hid.to(acc) * hid.to(acc)).sum(1) + dye.to(acc) @ b2[e].to(acc))
+                we = weights[slots].to(x.dtype)[:, None]
+                dye = dye * we
+                d_hid = d_hid * we
+            torch.mm(dye.t(), hid, out=gw2[e])
+            torch.sum(dye, 0, out=gb2[e])
+            d_pre = _act_backward(d_hid, pre, act_name)
+            torch.mm(d_pre.t(), xe, out=gw1[e])
+            torch.sum(d_pre, 0, out=gb1[e])
+            if need_x:
+                torch.ops.unif2ace.moe_scatter_add_rows(gx, torch.mm(d_pre, w1[e]), slots, k, None)
+        if gx is not None and gx.dtype != x.dtype:
+            gx = gx.to(x.dtype)
+        g_gates = None if g_gates is None else g_gates.view(gates.shape)
+        return gx, g_gates, None, None, None, None, None, gw1, gb1, gw2, gb2
+
+
+def moe_experts(
+    x: Tensor,
+    gates: Optional[Tensor],
+    sorted_slot: Tensor,
+    expert_offsets: Tensor,
+    w1: Tensor,
+    b1: Tensor,
+    w2: Tensor,
+    b2: Tensor,
+    activation: str = "gelu_tanh",
+    *,
+    recompute: bool = False,
+) -> Tensor:
+    """The routed experts of a token MoE in one fused step: y[t] = Σ_j gates[t, j] · MLP_{e(t,j)}(x[t]).
+
+    x [T, H]; gates [T, k] (from moe_gate, differentiable) or None for weights of 1; sorted_slot [T·k] and
+    expert_offsets [NE + 1] from moe_sort / moe_dispatch (expert e owns sorted rows expert_offsets[e] :
+    expert_offsets[e + 1]); expert weights as in grouped_mlp. Equal to
+    moe_combine(grouped_mlp(moe_dispatch(x)...), gates, sorted_slot) up to the order of the k-term sums (ascending
+    expert here), but without the [T·k, H] intermediates: the backward keeps x, the gates and the experts' hidden
+    pre-activations [T·k, F] — or, with recompute=True, recomputes those (one more x·W1ᵀ product per expert).
+    Differentiable w.r.t. x, gates and the expert weights. Deterministic. Like grouped_mlp, it reads
+    expert_offsets on the host (one synchronisation on CUDA).
+    """
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {activation!r}")
+    _check_float(x, "x", 2)
+    n_tokens = x.shape[0]
+    if gates is not None:
+        _check_float(gates, "gates", 2)
+        if gates.shape[0] != n_tokens or gates.shape[1] == 0 or gates.device != x.device:
+            raise ValueError(f"gates: expected [{n_tokens}, k] on {x.device}, got {list(gates.shape)} on "
+                             f"{gates.device}")
+        top_k = gates.shape[1]
+        gates = gates.to(_acc_dtype(x)).contiguous()
+    else:
+        if not isinstance(sorted_slot, Tensor):
+            raise ValueError(f"sorted_slot: expected a tensor, got {type(sorted_slot).__name__}")
+        top_k = sorted_slot.numel() // n_tokens if n_tokens else 1
+        if top_k == 0 or sorted_slot.numel() != n_tokens * top_k:
+            raise ValueError(f"sorted_slot: without gates its length ({sorted_slot.numel()}) must be a positive "
+                             f"multiple of the number of tokens ({n_tokens})")
+    _check_index(sorted_slot, "sorted_slot", (n_tokens * top_k,), x.device)
+    bounds = _expert_bounds(expert_offsets, x, w1, b1, w2, b2, n_rows=n_tokens * top_k, x_name="x")
+    if w2.shape[1] != x.shape[1]:
+        raise ValueError(f"w2: the experts' output width ({w2.shape[1]}) must equal the width of x ({x.shape[1]})")
+    return _ExpertLayer.apply(x.contiguous(), gates, sorted_slot.contiguous(), bounds, top_k, activation,
+                              bool(recompute), w1, b1, w2, b2)
 
 
 def balance_loss(expert_counts: Tensor, router_prob_mean: Tensor, num_groups: int) -> Tensor:

@@ -63,6 +63,14 @@ Status unpermute_sum_backward_cpu(const void* grad_out, const void* rows, DType 
                                   int64_t hidden, int64_t top_k, const int64_t* sorted_slot, const void* weights,
                                   void* grad_rows, void* grad_weights);
 
+// Expert-at-a-time combine: out[sl[i] / k, :] += w[sl[i]] * rows[i, :] for i < n_rows (w null: weight 1), with
+// out [T, H] in the accumulation type and rows [n_rows, H] of `dtype`. The n_rows slots must belong to distinct
+// tokens, as the rows of one expert do (a token picks an expert at most once), so the rows are added in parallel
+// without races and each token's sum runs in the order of the calls. On the CPU an out-of-range slot or a repeated
+// token is an InvalidArgument error, with `out` untouched.
+Status scatter_add_rows_cpu(const void* rows, DType dtype, int64_t n_rows, int64_t hidden, int64_t top_k,
+                            const int64_t* slots, int64_t n_tokens, const void* weights, void* out);
+
 // ---- CUDA versions (fp32/bf16/fp16 activations and logits, fp32 vectors) -----------------------------------------
 // Same contracts on device pointers, enqueued on `stream` (a cudaStream_t) of `device`. Ids cannot be checked on
 // the device without a host synchronisation, so the CUDA kernels never read or write out of bounds instead:
@@ -99,6 +107,10 @@ Status unpermute_sum_cuda(const void* rows, DType dtype, int64_t n_tokens, int64
 Status unpermute_sum_backward_cuda(const void* grad_out, const void* rows, DType dtype, int64_t n_tokens,
                                    int64_t hidden, int64_t top_k, const int64_t* sorted_slot, const float* weights,
                                    void* grad_rows, float* grad_weights, int device, void* stream);
+// Slots outside [0, T*k) are skipped; repeated tokens race (undefined sum, still in bounds).
+Status scatter_add_rows_cuda(const void* rows, DType dtype, int64_t n_rows, int64_t hidden, int64_t top_k,
+                             const int64_t* slots, int64_t n_tokens, const float* weights, float* out, int device,
+                             void* stream);
 
 }  // namespace moe
 }  // namespace unif2ace
