@@ -19,7 +19,12 @@ import torch
 
 from benchmarks.harness import format_table, machine_line, measure_in_child, mib, ms, report, run_isolated
 
-BACKENDS = ("reference", "kernels")
+# Variant name → model config overrides. The first is the baseline of the ratios.
+VARIANTS = {
+    "reference": {"backend": "reference"},
+    "kernels": {"backend": "kernels"},
+    "kernels+recompute": {"backend": "kernels", "moe_recompute": True},
+}
 DEFAULT_BATCH = {"tiny": 16, "small": 16, "medium": 8, "paper": 8}
 
 
@@ -27,9 +32,9 @@ def child(args) -> None:
     from unif2ace.model import UniF2aceConfig, UniF2aceModel, build_batch
 
     torch.set_num_threads(torch.get_num_threads())
-    cfg = UniF2aceConfig.preset(args.preset)
+    cfg = UniF2aceConfig.preset(args.preset).replace(**VARIANTS[args.variant])
     torch.manual_seed(0)
-    model = UniF2aceModel(cfg, backend=args.backend).to(args.device)
+    model = UniF2aceModel(cfg).to(args.device)
 
     def make_batch(batch_size):
         g = torch.Generator().manual_seed(0)
@@ -59,8 +64,8 @@ def child(args) -> None:
     report(result)
 
 
-def measure(preset, backend, batch, repeat, device):
-    return run_isolated("benchmarks.bench_model_step", ["--child", "--preset", preset, "--backend", backend,
+def measure(preset, variant, batch, repeat, device):
+    return run_isolated("benchmarks.bench_model_step", ["--child", "--preset", preset, "--variant", variant,
                                                         "--batch", str(batch), "--repeat", str(repeat),
                                                         "--device", device], timeout=3600)
 
@@ -68,7 +73,9 @@ def measure(preset, backend, batch, repeat, device):
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--backend", choices=BACKENDS, default="kernels", help=argparse.SUPPRESS)
+    p.add_argument("--variant", choices=tuple(VARIANTS), default="kernels", help=argparse.SUPPRESS)
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help="comma-separated, the first is the baseline (default: %(default)s)")
     p.add_argument("--preset", default="tiny", help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--presets", default="tiny,small,medium")
@@ -87,23 +94,23 @@ def main(argv=None) -> None:
     for preset in args.presets.split(","):
         batch = args.batch or DEFAULT_BATCH.get(preset, 8)
         base = None
-        for backend in BACKENDS:
-            full = measure(preset, backend, batch, args.repeat, args.device)
-            half = measure(preset, backend, max(2, batch // 2), 1, args.device)
+        for variant in args.variants.split(","):
+            full = measure(preset, variant, batch, args.repeat, args.device)
+            half = measure(preset, variant, max(2, batch // 2), 1, args.device)
             per_row = (full["peak_bytes"] - half["peak_bytes"]) / (batch - max(2, batch // 2))
             fixed = full["peak_bytes"] - per_row * batch
             largest = int((budget - fixed) // per_row) if per_row > 0 else None
             r = dict(config=f"{preset} ({full['params'] / 1e6:.1f}M params) batch {batch}", preset=preset,
-                     variant=backend, batch=batch, largest_batch_estimate=largest, budget_bytes=budget, **full)
+                     variant=variant, batch=batch, largest_batch_estimate=largest, budget_bytes=budget, **full)
             results.append(r)
             base = base or r
-            rows.append([preset, f"{full['params'] / 1e6:.1f}M", batch, full["tokens"], backend, ms(full["time_s"]),
+            rows.append([preset, f"{full['params'] / 1e6:.1f}M", batch, full["tokens"], variant, ms(full["time_s"]),
                          f"{full['time_s'] / base['time_s']:.2f}x", mib(full["peak_bytes"]),
                          f"{full['peak_bytes'] / max(1, base['peak_bytes']):.2f}x", largest,
                          f"{full['loss']:.4f}"])
     print(f"UniF2ace training step (forward + backward + AdamW) on {args.device} — {machine_line()}")
     print(f"largest batch: estimated from peak memory at B/2 and B, budget {args.budget_gib:.1f} GiB")
-    print(format_table(["preset", "params", "batch", "tokens", "backend", "step ms", "time vs ref",
+    print(format_table(["preset", "params", "batch", "tokens", "variant", "step ms", "time vs ref",
                         "peak MiB", "memory vs ref", "largest batch", "loss"], rows))
     if args.json:
         with open(args.json, "w") as f:

@@ -1,10 +1,16 @@
 """Timing, memory and table helpers shared by the benchmark scripts.
 
-Peak memory on the CPU is measured honestly: each variant runs in a fresh Python process; the kernel's peak-RSS
-mark is reset right before the measured call and the result is that peak minus the RSS held at that moment
-(inputs already built, libraries already started by a tiny pre-warm call), so neither allocator caches of an
-earlier variant nor compiler memory can hide or inflate anything. On CUDA the peak is
-torch.cuda.max_memory_allocated over the measured call, minus the memory held before it.
+Every variant runs in a fresh Python process, so no allocator cache or compiler memory of another variant can hide or
+inflate anything. Two peaks are measured on the CPU:
+
+  peak_bytes      the most tensor memory the call holds at once above what was held before it: the running total of
+                  torch's CPU allocator (every tensor, including temporaries inside an op), read from the profiler's
+                  allocation events — the CPU counterpart of torch.cuda.max_memory_allocated, which is what
+                  peak_bytes is on CUDA;
+  peak_rss_bytes  the process's peak resident set size during the call minus the RSS before it (the kernel's
+                  peak-RSS mark is reset first). It adds what the C allocator keeps: glibc does not hand freed heap
+                  memory back, so an optimizer step that allocates after the backward sits on top of the heap's
+                  high-water mark, and the figure depends on the allocation pattern as much as on the live tensors.
 """
 from __future__ import annotations
 
@@ -98,6 +104,33 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def peak_allocated_cpu(fn: Callable[[], object]) -> int:
+    """Peak bytes held by torch's CPU allocator during the second of two calls of fn(), above what it held when that
+    call began. The profiler runs over both calls so that every block the measured call frees (gradients, optimizer
+    temporaries of the first call) was allocated under it, and its size is known."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+        start = time.time_ns()
+        fn()
+        end = time.time_ns()
+    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        e = stack.pop()
+        stack.extend(e.children)
+        if e.tag == _EventType.Allocation and e.extra_fields.device.type == "cpu":
+            events.append((e.start_time_ns, e.extra_fields.total_allocated, e.extra_fields.alloc_size))
+    events.sort()
+    before = [total for t, total, _ in events if t < start]
+    during = [(total, size) for t, total, size in events if start <= t <= end]
+    if not during:
+        return 0
+    held = before[-1] if before else during[0][0] - during[0][1]
+    return max(0, max(total for total, _ in during) - held)
+
+
 def run_isolated(module: str, args: list[str], timeout: float = 1800) -> dict:
     """Runs `python -m module args...` in a fresh process; the child prints one JSON line prefixed
     'RESULT ' which is returned as a dict."""
@@ -125,8 +158,9 @@ def measure_in_child(fn: Callable[[], object], *, warmup: int = 1, repeat: int =
     """Time fn and measure the peak memory it adds, from inside an isolated child process.
 
     `prewarm` (the same code path on tiny inputs) runs first, so one-time library start-up (thread pools, BLAS
-    buffers, dispatcher caches) is part of the baseline rather than charged to the measured step. The first
-    full call then sets the peak; the baseline is the memory held just before it."""
+    buffers, dispatcher caches) is part of the baseline rather than charged to the measured step. On the CPU the
+    first full call sets the RSS peak and two more under the profiler the allocator peak (see the module
+    docstring); the timed calls follow. Baselines are the memory held just before the measured call."""
     if prewarm is not None:
         prewarm()
     if torch.device(device).type == "cuda":
@@ -144,8 +178,10 @@ def measure_in_child(fn: Callable[[], object], *, warmup: int = 1, repeat: int =
         reset_peak_rss()
         base = rss_bytes()
         fn()
-        peak = peak_rss_bytes() - base
-        t = median_time(fn, warmup=max(0, warmup - 1), repeat=repeat, device=device)
+        peak_rss = max(0, peak_rss_bytes() - base)
+        peak = peak_allocated_cpu(fn)
+        t = median_time(fn, warmup=max(0, warmup - 2), repeat=repeat, device=device)
+        return {"time_s": t, "peak_bytes": peak, "peak_rss_bytes": peak_rss}
     return {"time_s": t, "peak_bytes": max(0, peak)}
 
 

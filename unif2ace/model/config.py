@@ -60,6 +60,9 @@ class UniF2aceConfig:
     shared_hidden_size: int = 1536
     moe_renormalize: bool = True
     moe_activation: str = "gelu_tanh"
+    # kernels backend: recompute the experts' hidden activations in the backward instead of keeping them
+    # (T·k·F + T·F_shared values per layer less to hold, for one more x·W1ᵀ product per expert)
+    moe_recompute: bool = False
 
     # --- grouped sequence MoE: experts per group, top-2 of 4 ---
     seq_experts: tuple = (("clip", "face", "copy", "copy"), ("copy", "zero", "noise", "copy"))

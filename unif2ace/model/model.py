@@ -69,7 +69,7 @@ class Block(nn.Module):
             c.hidden_size, c.expert_hidden_size, num_groups=c.num_expert_groups,
             experts_per_group=c.experts_per_group, top_k=c.moe_top_k, shared_expert=True,
             shared_hidden_size=c.shared_hidden_size, renormalize=c.moe_renormalize, activation=c.moe_activation,
-            backend=c.backend,
+            recompute=c.moe_recompute, backend=c.backend,
         )
         self.seq_layernorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
         self.seq_moe = GroupedSequenceMoE(

@@ -6,10 +6,13 @@ Public functions:
   moe_dispatch  stable expert-sorted permutation of the (token, slot) pairs and the row gather into that order
   moe_combine   the gate-weighted sum of each token's k expert rows back in token order (fixed order j = 0..k−1)
   grouped_mlp   the experts' 2-matrix MLPs over the expert-sorted rows (per-expert matrix products)
+  moe_sort      the expert-sorted order alone (expert_offsets, sorted_slot), without moving rows
+  moe_experts   dispatch + expert MLPs + combine fused, one expert at a time, without the [T·k, H] intermediates
+                (what GroupedTokenMoE's kernels backend runs)
   balance_loss  Σ_groups E·Σ_e f_e·P_e from moe_gate's statistics
 
 The custom ops underneath (torch.ops.unif2ace.*): moe_gate, moe_gate_backward, moe_sort, moe_permute,
-moe_unpermute, moe_unpermute_backward. Every one is deterministic: the same inputs give bit-identical outputs on
+moe_unpermute, moe_unpermute_backward, moe_scatter_add_rows. Every one is deterministic: the same inputs give bit-identical outputs on
 the same device (fixed-order sums, no float atomics).
 
 Slots: token t's j-th choice is slot s = t·k + j. `sorted_slot[i]` is the slot held by expert-sorted row i;
@@ -519,25 +522,25 @@ class _ExpertLayer(torch.autograd.Function):
         acc = _acc_dtype(x)
         y = torch.zeros(x.shape, dtype=acc, device=x.device)
         weights = None if gates is None else gates.reshape(-1)
-        saved_pre = []
+        # One buffer for every expert's pre-activation (kept for the backward): per-expert tensors would leave the
+        # heap fragmented between the transient rows of successive experts.
+        pre_all = None if recompute else x.new_empty(bounds[-1][1] if bounds else 0, w1.shape[1])
         for e, (a, b) in enumerate(bounds):
             if b == a:
                 continue
             slots = sorted_slot[a:b]
             xe = torch.ops.unif2ace.moe_permute(x, slots, top_k)
-            pre = torch.addmm(b1[e], xe, w1[e].t())
+            pre = torch.addmm(b1[e], xe, w1[e].t(), out=None if recompute else pre_all[a:b])
             ye = torch.addmm(b2[e], _act(pre, activation), w2[e].t())
             torch.ops.unif2ace.moe_scatter_add_rows(y, ye, slots, top_k, weights)
-            if not recompute:
-                saved_pre.append(pre)
         ctx.bounds, ctx.top_k, ctx.activation, ctx.recompute = bounds, top_k, activation, recompute
         ctx.has_gates = gates is not None
-        ctx.save_for_backward(x, gates, sorted_slot, w1, b1, w2, b2, *saved_pre)
+        ctx.save_for_backward(x, gates, sorted_slot, w1, b1, w2, b2, pre_all)
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, gates, sorted_slot, w1, b1, w2, b2, *saved_pre = ctx.saved_tensors
+        x, gates, sorted_slot, w1, b1, w2, b2, pre_all = ctx.saved_tensors
         k, act_name = ctx.top_k, ctx.activation
         acc = _acc_dtype(x)
         dy = grad_y.to(x.dtype).contiguous()
@@ -545,18 +548,19 @@ class _ExpertLayer(torch.autograd.Function):
         gx = torch.zeros(x.shape, dtype=acc, device=x.device) if need_x else None
         weights = gates.reshape(-1) if ctx.has_gates else None
         g_gates = torch.zeros_like(weights) if ctx.has_gates else None
-        # Experts without rows keep zero gradients; every other slice is written in full below.
-        gw1, gw2 = torch.zeros_like(w1), torch.zeros_like(w2)
-        gb1 = w1.new_zeros(w1.shape[0], w1.shape[1])
-        gb2 = w2.new_zeros(w2.shape[0], w2.shape[1])
-        pre_parts = iter(saved_pre)
+        # Every expert with rows has its gradient slices written in full below; only the others are zeroed.
+        gw1, gw2 = torch.empty_like(w1), torch.empty_like(w2)
+        gb1 = w1.new_empty(w1.shape[0], w1.shape[1])
+        gb2 = w2.new_empty(w2.shape[0], w2.shape[1])
         for e, (a, b) in enumerate(ctx.bounds):
             if b == a:
+                for grad in (gw1, gb1, gw2, gb2):
+                    grad[e].zero_()
                 continue
             slots = sorted_slot[a:b]
             xe = torch.ops.unif2ace.moe_permute(x, slots, k)
             dye = torch.ops.unif2ace.moe_permute(dy, slots, k)
-            pre = torch.addmm(b1[e], xe, w1[e].t()) if ctx.recompute else next(pre_parts)
+            pre = torch.addmm(b1[e], xe, w1[e].t()) if ctx.recompute else pre_all[a:b]
             hid = _act(pre, act_name)
             d_hid = torch.mm(dye, w2[e])
             if weights is not None:
