@@ -121,8 +121,10 @@ def main(argv=None):
     md = [f"# Benchmarks ({'GPU' if args.gpu else 'CPU'})", "",
           f"Run {report['when']} on: {machine_line()}.", "",
           "Reproduce: `python -m benchmarks" + (" --gpu" if args.gpu else (" --quick" if args.quick else "")) + "`.",
-          "Every variant runs in a fresh process; peak memory is what the measured step adds (max RSS on the CPU, "
-          "max allocated on CUDA). Ratios are against the first row of each configuration.", ""]
+          "Every variant runs in a fresh process; peak memory is the tensor memory the measured step holds at its "
+          "peak above what was held before it (the allocator's running total, from the profiler's allocation events "
+          "on the CPU; max allocated on CUDA). CPU tables also give the peak RSS the step adds, which includes what "
+          "glibc keeps of freed memory. Ratios are against the first row of each configuration.", ""]
     if args.gpu:
         ceilings = device_ceilings()
         report["ceilings"] = ceilings

@@ -1,6 +1,6 @@
 """D3Diff loss, forward + backward: eager PyTorch (materialised logits, the reference loss) against the fused
 `linear_d3diff_loss`, and the reference under torch.compile. Every variant runs in a fresh process, so its
-peak memory (max RSS above the inputs on the CPU; max allocated on CUDA) is its own.
+peak memory (tensor memory held above the inputs, and peak RSS, on the CPU; max allocated on CUDA) is its own.
 
     python -m benchmarks.bench_loss                 # N=8192 H=1024 K=8192, fp32 and bf16, this CPU
     python -m benchmarks.bench_loss --n 2048 --quick
@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from benchmarks.harness import format_table, machine_line, measure_in_child, mib, ms, report, run_isolated
+from benchmarks.harness import format_table, machine_line, measure_in_child, mib, ms, report, rss_mib, run_isolated
 
 VARIANTS = ("eager", "compiled", "fused")
 
@@ -71,10 +71,10 @@ def run(n, h, k, dtypes, device, repeat, masked=1.0, variants=VARIANTS, quiet=Fa
             results.append(dict(config=f"N={n} H={h} K={k} {dtype}", n=n, h=h, k=k, dtype=dtype, device=device,
                                 variant=variant, **r))
             rows.append([f"{n}x{h}x{k}", dtype, variant, ms(r["time_s"]), f"{r['time_s'] / base['time_s']:.2f}x",
-                         mib(r["peak_bytes"]), f"{r['peak_bytes'] / max(1, base['peak_bytes']):.3f}x",
+                         mib(r["peak_bytes"]), f"{r['peak_bytes'] / max(1, base['peak_bytes']):.3f}x", rss_mib(r),
                          f"{r['loss']:.5f}"])
     table = format_table(["N x H x K", "dtype", "variant", "fwd+bwd ms", "time vs eager", "peak extra MiB",
-                          "memory vs eager", "loss"], rows)
+                          "memory vs eager", "peak RSS MiB", "loss"], rows)
     if not quiet:
         print(f"D3Diff loss forward+backward on {device} — {machine_line()}")
         print(table)

@@ -1,13 +1,16 @@
-"""End-to-end training step of UniF2ace (forward + backward + AdamW), backend="kernels" against
-backend="reference", at several sizes: step time, peak memory, and the largest batch that fits a memory budget.
+"""End-to-end training step of UniF2ace (forward + backward + AdamW): backend="reference" against backend="kernels",
+and against the kernels backend with the experts' hidden activations recomputed (moe_recompute=True), at several
+sizes: step time, peak memory, and the largest batch that fits a memory budget.
 
     python -m benchmarks.bench_model_step                              # tiny, small, medium on this CPU
-    python -m benchmarks.bench_model_step --presets tiny --repeat 5
+    python -m benchmarks.bench_model_step --presets tiny --repeat 5 --variants reference,kernels
 
-Each (preset, backend, batch) runs in a fresh process (benchmarks.harness.run_isolated) with the same weights
-(seed 0) and the same mixed batch (half understanding rows: image + 12-token prompt + 24-token answer; half
-generation rows: 24-token caption + masked image). Peak memory is what the first step adds (max RSS on the CPU,
-max allocated on CUDA). The largest batch under the budget comes from a straight-line fit of peak memory
+Peak memory is the tensor memory the step holds at its peak above what it held before (the allocator's count, as
+torch.cuda.max_memory_allocated on a GPU) and, on the CPU, also the peak RSS the step adds (which includes what
+glibc keeps of freed memory; see benchmarks.harness). Each (preset, variant, batch) runs in a fresh process
+(benchmarks.harness.run_isolated) with the same weights (seed 0) and the same mixed batch (half understanding rows:
+image + 12-token prompt + 24-token answer; half generation rows: 24-token caption + masked image). The largest batch
+under the budget comes from a straight-line fit of peak memory (allocated)
 against batch size through two measured batch sizes (B/2 and B) — an estimate, labelled as such.
 """
 from __future__ import annotations
@@ -17,7 +20,7 @@ import json
 
 import torch
 
-from benchmarks.harness import format_table, machine_line, measure_in_child, mib, ms, report, run_isolated
+from benchmarks.harness import format_table, machine_line, measure_in_child, mib, ms, report, rss_mib, run_isolated
 
 # Variant name → model config overrides. The first is the baseline of the ratios.
 VARIANTS = {
@@ -106,12 +109,14 @@ def main(argv=None) -> None:
             base = base or r
             rows.append([preset, f"{full['params'] / 1e6:.1f}M", batch, full["tokens"], variant, ms(full["time_s"]),
                          f"{full['time_s'] / base['time_s']:.2f}x", mib(full["peak_bytes"]),
-                         f"{full['peak_bytes'] / max(1, base['peak_bytes']):.2f}x", largest,
+                         f"{full['peak_bytes'] / max(1, base['peak_bytes']):.2f}x", rss_mib(full),
+                         (f"{full['peak_rss_bytes'] / max(1, base['peak_rss_bytes']):.2f}x"
+                          if "peak_rss_bytes" in full else "-"), largest,
                          f"{full['loss']:.4f}"])
     print(f"UniF2ace training step (forward + backward + AdamW) on {args.device} — {machine_line()}")
     print(f"largest batch: estimated from peak memory at B/2 and B, budget {args.budget_gib:.1f} GiB")
     print(format_table(["preset", "params", "batch", "tokens", "variant", "step ms", "time vs ref",
-                        "peak MiB", "memory vs ref", "largest batch", "loss"], rows))
+                        "peak MiB", "memory vs ref", "peak RSS MiB", "RSS vs ref", "largest batch", "loss"], rows))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": machine_line(), "results": results}, f, indent=2)

@@ -31,13 +31,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 
 import torch
 
-from benchmarks.harness import format_table, machine_line, measure_in_child, mib, ms, report, run_isolated
+from benchmarks.harness import format_table, machine_line, measure_in_child, mib, ms, report, rss_mib, run_isolated
 
 ROUTING = ("eager", "kernels")
 LAYER = ("reference", "kernels")
@@ -89,18 +87,9 @@ def _layer(args, device, dtype):
 
 
 def _measure(step, args):
-    """measure_in_child plus the median process CPU time of the timed calls (wall time alone is misleading on a
-    shared, oversubscribed machine)."""
-    cpu_times = []
-
-    def timed():
-        t0 = time.process_time()
-        step()
-        cpu_times.append(time.process_time() - t0)
-
-    result = measure_in_child(timed, warmup=1, repeat=args.repeat, device=args.device)
-    result["cpu_s"] = statistics.median(cpu_times[-args.repeat:])
-    return result
+    """measure_in_child; its result also carries the median process CPU time of the timed calls ("cpu_s"; wall
+    time alone is misleading on a shared, oversubscribed machine)."""
+    return measure_in_child(step, warmup=1, repeat=args.repeat, device=args.device)
 
 
 def child(args) -> None:
@@ -191,11 +180,12 @@ def main(argv=None):
             what = "gate+dispatch+combine" if part == "routing" else "GroupedTokenMoE"
             for v in variants:
                 t, mem = r[v]["time_s"], r[v]["peak_bytes"]
-                rows.append([what, dtype, v, ms(t), ms(r[v]["cpu_s"]), f"{base['time_s'] / t:.2f}x", mib(mem),
-                             f"{mem / max(1, base['peak_bytes']):.2f}x", match if v == "kernels" else ""])
+                rows.append([what, dtype, v, ms(t), ms(r[v].get("cpu_s", float("nan"))), f"{base['time_s'] / t:.2f}x", mib(mem),
+                             f"{mem / max(1, base['peak_bytes']):.2f}x", rss_mib(r[v]),
+                             match if v == "kernels" else ""])
                 results.append(dict(config=f"{what} {dtype}", part=part, dtype=dtype, variant=v, size=size, **r[v]))
     table = format_table(["what", "dtype", "variant", "fwd+bwd ms (median)", "CPU ms", "speed-up", "peak extra MiB",
-                          "memory ratio", "kernels vs reference (max rel. diff)"], rows)
+                          "memory ratio", "peak RSS MiB", "kernels vs reference (max rel. diff)"], rows)
     print(f"Grouped MoE forward+backward on {args.device}, {size} — {machine_line()}")
     print(table)
     if args.json:

@@ -32,7 +32,7 @@ import torch
 
 from unif2ace import ops
 
-from benchmarks.harness import format_table, machine_line, measure_in_child, mib, ms, report, run_isolated
+from benchmarks.harness import format_table, machine_line, measure_in_child, mib, ms, report, rss_mib, run_isolated
 
 
 def eager_showo_step(cond, uncond, tokens, step, num_steps, guidance, mask_id, generator):
@@ -117,9 +117,9 @@ def main(argv=None):
                                     device=args.device, variant=variant, **r[variant]))
             e, f = r["eager"], r["fused"]
             rows.append([B, N, K, dtype, ms(e["time_s"]), ms(f["time_s"]), f"{e['time_s'] / f['time_s']:.1f}x",
-                         mib(e["peak_bytes"]), mib(f["peak_bytes"])])
+                         mib(e["peak_bytes"]), mib(f["peak_bytes"]), rss_mib(e), rss_mib(f)])
     print(format_table(["B", "N", "K", "dtype", "eager Show-o (ms)", "fused (ms)", "speed-up", "eager peak MiB",
-                        "fused peak MiB"], rows))
+                        "fused peak MiB", "eager peak RSS MiB", "fused peak RSS MiB"], rows))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"machine": machine_line(), "results": results}, fh, indent=2)

@@ -64,16 +64,23 @@ def sync(device: str | torch.device) -> None:
 
 def median_time(fn: Callable[[], object], *, warmup: int = 1, repeat: int = 5, device: str = "cpu") -> float:
     """Median wall time of fn() in seconds, after `warmup` untimed calls."""
+    return median_times(fn, warmup=warmup, repeat=repeat, device=device)[0]
+
+
+def median_times(fn: Callable[[], object], *, warmup: int = 1, repeat: int = 5, device: str = "cpu"
+                 ) -> tuple[float, float]:
+    """Median wall time and median process CPU time of fn() in seconds, after `warmup` untimed calls."""
     for _ in range(warmup):
         fn()
     sync(device)
-    times = []
+    wall, cpu = [], []
     for _ in range(repeat):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
         sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return statistics.median(wall), statistics.median(cpu)
 
 
 def rss_bytes() -> int:
@@ -159,8 +166,8 @@ def measure_in_child(fn: Callable[[], object], *, warmup: int = 1, repeat: int =
 
     `prewarm` (the same code path on tiny inputs) runs first, so one-time library start-up (thread pools, BLAS
     buffers, dispatcher caches) is part of the baseline rather than charged to the measured step. On the CPU the
-    first full call sets the RSS peak and two more under the profiler the allocator peak (see the module
-    docstring); the timed calls follow. Baselines are the memory held just before the measured call."""
+    first full call sets the RSS peak, the timed calls follow, and two more calls under the profiler give the
+    allocator peak (see the module docstring). Baselines are the memory held just before the measured call."""
     if prewarm is not None:
         prewarm()
     if torch.device(device).type == "cuda":
@@ -179,9 +186,10 @@ def measure_in_child(fn: Callable[[], object], *, warmup: int = 1, repeat: int =
         base = rss_bytes()
         fn()
         peak_rss = max(0, peak_rss_bytes() - base)
+        t, cpu = median_times(fn, warmup=max(0, warmup - 1), repeat=repeat, device=device)
+        # Last: the timed calls must not run after a profiler session (it leaves them measurably slower).
         peak = peak_allocated_cpu(fn)
-        t = median_time(fn, warmup=max(0, warmup - 2), repeat=repeat, device=device)
-        return {"time_s": t, "peak_bytes": peak, "peak_rss_bytes": peak_rss}
+        return {"time_s": t, "cpu_s": cpu, "peak_bytes": peak, "peak_rss_bytes": peak_rss}
     return {"time_s": t, "peak_bytes": max(0, peak)}
 
 
@@ -196,6 +204,11 @@ def format_table(headers: list[str], rows: list[list[object]]) -> str:
 
 def mib(nbytes: float) -> str:
     return f"{nbytes / 2**20:.1f}"
+
+
+def rss_mib(result: dict) -> str:
+    """The peak-RSS figure of a CPU result, '-' where there is none (CUDA)."""
+    return mib(result["peak_rss_bytes"]) if "peak_rss_bytes" in result else "-"
 
 
 def ms(seconds: float) -> str:

@@ -1,4 +1,5 @@
-"""Property-based fuzzing of the MoE op boundary (moe_gate, moe_dispatch, moe_combine, grouped_mlp, balance_loss):
+"""Property-based fuzzing of the MoE op boundary (moe_gate, moe_dispatch, moe_combine, grouped_mlp, moe_experts,
+moe_scatter_add_rows_, balance_loss):
 random shapes (0- and 1-sized included), dtypes, non-contiguous views, out-of-range ids, k > E, special values and
 shape mismatches. Every call must give the reference's result or a clean ValueError/RuntimeError naming the bad
 argument — never a crash, never a change to the inputs (under .ci/sanitize.sh AddressSanitizer watches every
@@ -8,7 +9,8 @@ import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from unif2ace.ops import balance_loss, grouped_mlp, moe_combine, moe_dispatch, moe_gate
+from unif2ace.ops import balance_loss, grouped_mlp, moe_combine, moe_dispatch, moe_experts, moe_gate, moe_sort
+from unif2ace.ops.moe import moe_scatter_add_rows_
 from unif2ace.ops import reference as ref
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -427,3 +429,112 @@ def test_balance_loss_fuzz(groups, experts, dtype, fault, seed):
     assert loss.dim() == 0
     torch.testing.assert_close(loss, want)
 
+
+
+# ----------------------------------------------------------------------------------------------------------
+# moe_scatter_add_rows_ and moe_experts
+# ----------------------------------------------------------------------------------------------------------
+@FUZZ
+@example(t=3, k=2, n=2, h=2, dtype=torch.float32, weighted=True, fault="dup_token", seed=0)
+@example(t=0, k=1, n=0, h=3, dtype=torch.bfloat16, weighted=False, fault=None, seed=0)
+@given(
+    st.integers(0, 20), st.integers(1, 4), st.integers(0, 20), st.integers(0, 9), st.sampled_from(FLOATS + [torch.int32]),
+    st.booleans(), st.sampled_from([None] * 6 + ["dup_token", "slot_neg", "slot_size", "out_dtype", "out_width",
+                                                 "weights_len", "slots_len"]),
+    st.integers(0, 2**31 - 1),
+)
+def test_scatter_add_rows_fuzz(t, k, n, h, dtype, weighted, fault, seed):
+    g = torch.Generator().manual_seed(seed)
+    n = min(n, t)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    out = rand_float(g, (t, h), acc)
+    rows = rand_float(g, (n, h), dtype)
+    slots = torch.randperm(t, generator=g)[:n] * k + torch.randint(0, k, (n,), generator=g)
+    weights = rand_float(g, (t * k,), acc) if weighted else None
+    bad = [] if dtype in FLOATS else ["rows"]
+    if fault == "dup_token" and n > 1:
+        slots[1] = slots[0] // k * k + (slots[1] % k)
+        bad.append("slots")
+    elif fault in ("slot_neg", "slot_size") and n:
+        slots[n - 1] = -1 if fault == "slot_neg" else t * k
+        bad.append("slots")
+    elif fault == "out_dtype":
+        out = out.to(torch.float16)
+        bad.append("out")
+    elif fault == "out_width":
+        out = torch.cat([out, out.new_zeros(t, 1)], 1)
+        bad.append("out")
+    elif fault == "weights_len" and weighted:
+        weights = torch.cat([weights, weights.new_zeros(1)])
+        bad.append("weights")
+    elif fault == "slots_len":
+        slots = torch.cat([slots, slots.new_zeros(1)])
+        bad.append("slots")
+    before = snapshot(out, rows, slots, weights)
+    try:
+        moe_scatter_add_rows_(out, rows, slots, k, weights)
+    except Exception as e:  # noqa: BLE001
+        expect_error(e, bad)
+        assert_unchanged(before, (out, rows, slots, weights))
+        return
+    assert not bad, f"bad input accepted: {bad}"
+    assert_unchanged(before[1:], (rows, slots, weights))
+    scale = weights[slots, None] if weighted else 1
+    want = before[0].index_add(0, slots // k, rows.to(acc) * scale)
+    torch.testing.assert_close(out, want, rtol=TOL[dtype], atol=TOL[dtype], equal_nan=True)
+
+
+@FUZZ
+@example(t=1, ne=1, k=1, h=1, f=1, dtype=torch.float32, gated=True, fault=None, seed=0)
+@example(t=0, ne=2, k=1, h=3, f=2, dtype=torch.float64, gated=False, fault=None, seed=0)
+@given(
+    st.integers(0, 16), st.integers(1, 5), st.integers(1, 3), st.integers(1, 8), st.integers(1, 6),
+    st.sampled_from([torch.float32, torch.float64, torch.bfloat16]), st.booleans(),
+    st.sampled_from([None] * 6 + ["offsets_past", "slot_dup", "gates_rows", "w2_out", "b1_experts"]),
+    st.integers(0, 2**31 - 1),
+)
+def test_moe_experts_fuzz(t, ne, k, h, f, dtype, gated, fault, seed):
+    g = torch.Generator().manual_seed(seed)
+    k = min(k, ne) if gated else 1
+    x = rand_float(g, (t, h), dtype)
+    ids = torch.stack([torch.randperm(ne, generator=g)[:k] for _ in range(t)]) if t else torch.empty(0, k, dtype=torch.int64)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    gates = torch.rand(t, k, generator=g, dtype=acc) if gated else None
+    w = [rand_float(g, s, dtype, 0.5) for s in ((ne, f, h), (ne, f), (ne, h, f), (ne, h))]
+    offsets, slot = moe_sort(ids, ne)
+    bad = []
+    if fault == "offsets_past":
+        offsets = offsets.clone()
+        offsets[-1] = t * k + 1
+        bad.append("expert_offsets")
+    elif fault == "slot_dup" and t > 1 and k > 1:
+        slot = slot.clone()
+        a, b = int(offsets[0]), int(offsets[1])  # expert 0's rows; make two of them the same token
+        if b - a > 1:
+            slot[a + 1] = slot[a] // k * k + (slot[a + 1] % k)
+            bad.append("slots")
+    elif fault == "gates_rows" and gated:
+        gates = torch.cat([gates, gates.new_zeros(1, k)])
+        bad.append("gates")
+    elif fault == "w2_out":
+        w[2], w[3] = torch.cat([w[2], w[2][:, :1]], 1), torch.cat([w[3], w[3][:, :1]], 1)
+        bad.append("w2")
+    elif fault == "b1_experts":
+        w[1] = w[1][:-1]
+        bad.append("b1")
+    before = snapshot(x, gates, slot, offsets, *w)
+    try:
+        y = moe_experts(x, gates, slot, offsets, *w)
+    except Exception as e:  # noqa: BLE001
+        expect_error(e, bad)
+        assert_unchanged(before, (x, gates, slot, offsets, *w))
+        return
+    assert not bad, f"bad input accepted: {bad}"
+    assert_unchanged(before, (x, gates, slot, offsets, *w))
+    assert y.shape == (t, h) and y.dtype == x.dtype
+    if t == 0:
+        return
+    x_sorted = x.index_select(0, slot // k)
+    y_sorted = ref.grouped_mlp(x_sorted, offsets, *w)
+    want = ref.moe_combine(y_sorted, gates if gated else torch.ones(t, 1, dtype=acc), slot)
+    torch.testing.assert_close(y, want, rtol=TOL[dtype] * 5, atol=TOL[dtype] * 5)

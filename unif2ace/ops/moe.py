@@ -505,6 +505,18 @@ def grouped_mlp(
     return _GroupedMLP.apply(x_sorted.contiguous(), bounds, activation, w1, b1, w2, b2)
 
 
+def _gather_rows(src: Tensor, slots: Tensor, top_k: int) -> Tensor:
+    """src[slots // top_k] through the permute kernel, called directly: inside the fused layer's own autograd node
+    the custom-op layer would only add its dispatch cost (tens of microseconds per call, per expert)."""
+    out = src.new_empty(slots.shape[0], src.shape[1])
+    _C.moe_permute_rows(dl(src), dl(slots), top_k, dl(out), stream_of(src))
+    return out
+
+
+def _scatter_add_rows(out: Tensor, rows: Tensor, slots: Tensor, top_k: int, weights: Optional[Tensor]) -> None:
+    _C.moe_scatter_add_rows(dl(out), dl(rows.contiguous()), dl(slots), top_k, _opt_dl(weights), stream_of(rows))
+
+
 class _ExpertLayer(torch.autograd.Function):
     """Dispatch, the experts' MLPs and the gate-weighted combine as one autograd node, one expert at a time.
 
@@ -529,10 +541,10 @@ class _ExpertLayer(torch.autograd.Function):
             if b == a:
                 continue
             slots = sorted_slot[a:b]
-            xe = torch.ops.unif2ace.moe_permute(x, slots, top_k)
+            xe = _gather_rows(x, slots, top_k)
             pre = torch.addmm(b1[e], xe, w1[e].t(), out=None if recompute else pre_all[a:b])
             ye = torch.addmm(b2[e], _act(pre, activation), w2[e].t())
-            torch.ops.unif2ace.moe_scatter_add_rows(y, ye, slots, top_k, weights)
+            _scatter_add_rows(y, ye, slots, top_k, weights)
         ctx.bounds, ctx.top_k, ctx.activation, ctx.recompute = bounds, top_k, activation, recompute
         ctx.has_gates = gates is not None
         ctx.save_for_backward(x, gates, sorted_slot, w1, b1, w2, b2, pre_all)
@@ -558,8 +570,8 @@ class _ExpertLayer(torch.autograd.Function):
                     grad[e].zero_()
                 continue
             slots = sorted_slot[a:b]
-            xe = torch.ops.unif2ace.moe_permute(x, slots, k)
-            dye = torch.ops.unif2ace.moe_permute(dy, slots, k)
+            xe = _gather_rows(x, slots, k)
+            dye = _gather_rows(dy, slots, k)
             pre = torch.addmm(b1[e], xe, w1[e].t()) if ctx.recompute else pre_all[a:b]
             hid = _act(pre, act_name)
             d_hid = torch.mm(dye, w2[e])
@@ -575,7 +587,7 @@ class _ExpertLayer(torch.autograd.Function):
             torch.mm(d_pre.t(), xe, out=gw1[e])
             torch.sum(d_pre, 0, out=gb1[e])
             if need_x:
-                torch.ops.unif2ace.moe_scatter_add_rows(gx, torch.mm(d_pre, w1[e]), slots, k, None)
+                _scatter_add_rows(gx, torch.mm(d_pre, w1[e]), slots, k, None)
         if gx is not None and gx.dtype != x.dtype:
             gx = gx.to(x.dtype)
         g_gates = None if g_gates is None else g_gates.view(gates.shape)
