@@ -351,6 +351,43 @@ void scatter_add_rows(const py::capsule& out_c, const py::capsule& rows_c, const
   raise_if_error(s);
 }
 
+void gelu_tanh_backward_rows(const py::capsule& pre_c, const py::capsule& d_hid_c, const py::object& weights_c,
+                             const py::capsule& hid_w_c, const py::capsule& d_pre_c, const py::object& row_dot_c,
+                             uintptr_t stream) {
+  View pre = view(pre_c, "pre"), d_hid = view(d_hid_c, "d_hid");
+  View hid_w = view(hid_w_c, "hid_w"), d_pre = view(d_pre_c, "d_pre");
+  auto w = opt_view(weights_c, "row_weights");
+  auto dot = opt_view(row_dot_c, "row_dot");
+  expect_kind(pre, kFloatKinds);
+  expect_dim(pre, 2);
+  for (const View* v : {&d_hid, &hid_w, &d_pre}) {
+    if (v->kind != pre.kind) fail(v->name + ": must have the dtype of pre");
+    expect_shape(*v, pre.shape);
+    expect_same_device(pre, *v);
+  }
+  if (w) check_acc_vector(pre, *w, {pre.size(0)});
+  if (dot) check_acc_vector(pre, *dot, {pre.size(0)});
+  if (pre.cuda) {
+#ifdef UNIF2ACE_WITH_CUDA
+    py::gil_scoped_release release;
+    raise_if_error(moe::gelu_tanh_backward_rows_cuda(
+        pre.data, d_hid.data, pre.float_dtype(), pre.size(0), pre.size(1), static_cast<const float*>(opt_data(w)),
+        hid_w.data, d_pre.data, static_cast<float*>(opt_data(dot)), pre.device, reinterpret_cast<void*>(stream)));
+    return;
+#else
+    (void)stream;
+    no_cuda("moe_gelu_backward_rows");
+#endif
+  }
+  Status s;
+  {
+    py::gil_scoped_release release;
+    s = moe::gelu_tanh_backward_rows_cpu(pre.data, d_hid.data, pre.float_dtype(), pre.size(0), pre.size(1),
+                                         opt_data(w), hid_w.data, d_pre.data, opt_data(dot));
+  }
+  raise_if_error(s);
+}
+
 int64_t gate_block_tokens() {
 #ifdef UNIF2ACE_WITH_CUDA
   return moe::gate_block_tokens();
@@ -396,6 +433,9 @@ void bind_moe(py::module_& m) {
   m.def("moe_scatter_add_rows", &scatter_add_rows, py::arg("out"), py::arg("rows"), py::arg("slots"),
         py::arg("top_k"), py::arg("weights") = none, py::arg("stream") = 0,
         "out[slots[i] // top_k] += weights[slots[i]] * rows[i] (the slots' tokens distinct).");
+  m.def("moe_gelu_tanh_backward_rows", &gelu_tanh_backward_rows, py::arg("pre"), py::arg("d_hid"),
+        py::arg("row_weights"), py::arg("hid_w"), py::arg("d_pre"), py::arg("row_dot"), py::arg("stream") = 0,
+        "hid_w = w * gelu(pre), d_pre = w * d_hid * gelu'(pre), row_dot = sum_f d_hid * gelu(pre) (tanh form).");
   m.def("moe_gate_block_tokens", &gate_block_tokens, "Tokens per block of the CUDA gating kernel.");
   m.def("moe_sort_block_slots", &sort_block_slots, "Slots per block of the CUDA sort kernels.");
 }

@@ -83,6 +83,50 @@ def test_scatter_add_rows_opcheck():
 
 
 # ---------------------------------------------------------------------------------------------------------
+# moe_gelu_tanh_backward_rows
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-6), (torch.bfloat16, 1e-2),
+                                       (torch.float16, 2e-3)])
+@pytest.mark.parametrize("n,width,weighted", [(37, 19, True), (1, 1, False), (0, 5, True), (64, 256, False),
+                                              (5, 300, True)])
+def test_gelu_tanh_backward_rows_matches_autograd(dtype, tol, n, width, weighted):
+    g = _gen(n * 31 + width)
+    acc = _acc(dtype)
+    pre = (torch.randn(n, width, generator=g, dtype=torch.float64) * 3)
+    if pre.numel() > 4:  # saturated and zero inputs
+        pre.view(-1)[:4] = torch.tensor([1e4, -1e4, 0.0, -0.0], dtype=torch.float64)
+    pre = pre.to(dtype)
+    d_hid = torch.randn(n, width, generator=g).to(dtype)
+    w = torch.rand(n, generator=g, dtype=acc) if weighted else None
+    hid_w, d_pre, row_dot = moe_ops.moe_gelu_tanh_backward_rows(pre, d_hid, w)
+    p64, d64 = pre.double(), d_hid.double()
+    act = F.gelu(p64, approximate="tanh")
+    scale = w.double()[:, None] if weighted else 1.0
+    want_d_pre = torch.ops.aten.gelu_backward(d64, p64, approximate="tanh") * scale
+    assert hid_w.dtype == dtype and d_pre.dtype == dtype and row_dot.dtype == acc
+    torch.testing.assert_close(hid_w.double(), act * scale, rtol=tol, atol=tol)
+    torch.testing.assert_close(d_pre.double(), want_d_pre, rtol=tol, atol=tol)
+    torch.testing.assert_close(row_dot.double(), (d64 * act).sum(1), rtol=tol * 10, atol=tol * 10 * max(1, width))
+
+
+def test_gelu_tanh_backward_rows_opcheck_and_bad_inputs():
+    g = _gen(3)
+    pre, d_hid = torch.randn(6, 7, generator=g), torch.randn(6, 7, generator=g)
+    torch.library.opcheck(torch.ops.unif2ace.moe_gelu_tanh_backward_rows, (pre, d_hid, torch.rand(6, generator=g)))
+    torch.library.opcheck(torch.ops.unif2ace.moe_gelu_tanh_backward_rows, (pre, d_hid, None))
+    with pytest.raises(ValueError, match="d_hid"):
+        moe_ops.moe_gelu_tanh_backward_rows(pre, d_hid[:5])
+    with pytest.raises(ValueError, match="d_hid"):
+        moe_ops.moe_gelu_tanh_backward_rows(pre, d_hid.double())
+    with pytest.raises(ValueError, match="row_weights"):
+        moe_ops.moe_gelu_tanh_backward_rows(pre, d_hid, torch.rand(5))
+    with pytest.raises(ValueError, match="row_weights"):
+        moe_ops.moe_gelu_tanh_backward_rows(pre, d_hid, torch.rand(6, dtype=torch.float64))
+    with pytest.raises(ValueError, match="pre"):
+        moe_ops.moe_gelu_tanh_backward_rows(pre.long(), d_hid)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # moe_experts
 # ---------------------------------------------------------------------------------------------------------
 def _experts_inputs(T, H, F_, NE, k, dtype, seed, empty_expert=None):
@@ -219,3 +263,18 @@ def test_experts_cuda_match_cpu(dtype):
     tol = 1e-4 if dtype == torch.float32 else 5e-2
     for a, b in zip(out["cpu"], out["cuda"]):
         torch.testing.assert_close(b, a, rtol=tol, atol=tol * max(1.0, a.abs().max().item()))
+
+
+@cuda
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_gelu_tanh_backward_rows_cuda_match_cpu(dtype):
+    g = _gen(12)
+    pre = (torch.randn(300, 257, generator=g) * 3).to(dtype)
+    d_hid = torch.randn(300, 257, generator=g).to(dtype)
+    w = torch.rand(300, generator=g)
+    cpu = moe_ops.moe_gelu_tanh_backward_rows(pre, d_hid, w)
+    gpu = moe_ops.moe_gelu_tanh_backward_rows(pre.cuda(), d_hid.cuda(), w.cuda())
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for a, b in zip(cpu, gpu):
+        torch.testing.assert_close(b.cpu().float(), a.float(), rtol=tol, atol=tol * 10)

@@ -229,6 +229,40 @@ void scatter_add_rows(const T* rows, int64_t n_rows, int64_t hidden, int64_t top
   }
 }
 
+// GELU (tanh form) and its derivative from one exponential, through 1 + tanh(u) = 2·sigmoid(2u): act = x·s and
+// act' = s + 2x·s·(1 - s)·u' with s = 1 / (1 + e^(-2u)), which has no cancellation for negative x (1 + tanh does)
+// and saturates cleanly (e^(-2u) -> inf or 0). Written out in the loop (no addressable temporaries), so that it
+// vectorises with fast_exp.
+constexpr double kGeluK0 = 0.7978845608028654;  // sqrt(2 / pi)
+constexpr double kGeluK1 = 0.044715;
+
+template <typename T, typename A = typename Acc<T>::type>
+void gelu_tanh_backward_rows(const T* pre, const T* d_hid, int64_t n_rows, int64_t width, const A* row_weights,
+                             T* hid_w, T* d_pre, A* row_dot) {
+  const A k0 = static_cast<A>(kGeluK0), k1 = static_cast<A>(kGeluK1);
+#pragma omp parallel for schedule(static) if (n_rows * width > kParallelWork)
+  for (int64_t i = 0; i < n_rows; ++i) {
+    const A w = row_weights != nullptr ? row_weights[i] : A(1);
+    const T* p = pre + i * width;
+    const T* dh = d_hid + i * width;
+    T* hw = hid_w + i * width;
+    T* dp = d_pre + i * width;
+    A dot = 0;
+#pragma omp simd reduction(+ : dot)
+    for (int64_t f = 0; f < width; ++f) {
+      const A x = widen(p[f]);
+      const A s = A(1) / (A(1) + cpu::exp_acc(A(-2) * k0 * (x + k1 * x * x * x)));
+      const A act = x * s;
+      const A grad = s + A(2) * x * s * (A(1) - s) * k0 * (A(1) + A(3) * k1 * x * x);
+      const A g = widen(dh[f]);
+      dot += g * act;
+      hw[f] = narrow<T>(w * act);
+      dp[f] = narrow<T>(w * g * grad);
+    }
+    if (row_dot != nullptr) row_dot[i] = dot;
+  }
+}
+
 }  // namespace
 
 Status gate_forward_cpu(const void* logits, DType dtype, int64_t n_tokens, int64_t n_groups, int64_t n_experts,
@@ -394,6 +428,20 @@ Status scatter_add_rows_cpu(const void* rows, DType dtype, int64_t n_rows, int64
     using A = typename Acc<T>::type;
     scatter_add_rows(static_cast<const T*>(rows), n_rows, hidden, top_k, slots, static_cast<const A*>(weights),
                      static_cast<A*>(out));
+  });
+  return Status::Ok();
+}
+
+Status gelu_tanh_backward_rows_cpu(const void* pre, const void* d_hid, DType dtype, int64_t n_rows, int64_t width,
+                                   const void* row_weights, void* hid_w, void* d_pre, void* row_dot) {
+  if (n_rows < 0 || width < 0) return Status::Invalid("moe_gelu_backward_rows: sizes must be non-negative");
+  if (n_rows == 0) return Status::Ok();
+  dispatch_float(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using A = typename Acc<T>::type;
+    gelu_tanh_backward_rows(static_cast<const T*>(pre), static_cast<const T*>(d_hid), n_rows, width,
+                            static_cast<const A*>(row_weights), static_cast<T*>(hid_w), static_cast<T*>(d_pre),
+                            static_cast<A*>(row_dot));
   });
   return Status::Ok();
 }

@@ -324,6 +324,33 @@ __global__ void scatter_add_rows_kernel(const T* rows, int64_t n_rows, int64_t h
   }
 }
 
+// One block per row: GELU (tanh form) and its derivative per element, the row's dot product by a fixed-tree block
+// reduction.
+template <typename T>
+__global__ void gelu_tanh_backward_rows_kernel(const T* pre, const T* d_hid, int64_t n_rows, int64_t width,
+                                               const float* row_weights, T* hid_w, T* d_pre, float* row_dot) {
+  __shared__ float scratch[32];
+  const float k0 = 0.7978845608028654f, k1 = 0.044715f;
+  for (int64_t i = blockIdx.x; i < n_rows; i += gridDim.x) {
+    const float w = row_weights != nullptr ? row_weights[i] : 1.0f;
+    float dot = 0.0f;
+    for (int64_t f = threadIdx.x; f < width; f += blockDim.x) {
+      const int64_t at = i * width + f;
+      const float x = cuda::load_float(pre + at);
+      // 1 + tanh(u) = 2·sigmoid(2u): no cancellation for negative x (see the CPU kernel).
+      const float s = 1.0f / (1.0f + expf(-2.0f * k0 * (x + k1 * x * x * x)));
+      const float act = x * s;
+      const float grad = s + 2.0f * x * s * (1.0f - s) * k0 * (1.0f + 3.0f * k1 * x * x);
+      const float g = cuda::load_float(d_hid + at);
+      dot += g * act;
+      hid_w[at] = from_float<T>(w * act);
+      d_pre[at] = from_float<T>(w * g * grad);
+    }
+    dot = cuda::block_reduce<false>(dot, scratch);
+    if (threadIdx.x == 0 && row_dot != nullptr) row_dot[i] = dot;
+  }
+}
+
 size_t dtype_bytes(DType dtype) { return dtype == DType::kFloat32 ? 4 : 2; }
 
 Status reject_fp64(DType dtype, const char* op) {
@@ -500,6 +527,25 @@ Status scatter_add_rows_cuda(const void* rows, DType dtype, int64_t n_rows, int6
                                                                         top_k, slots, n_tokens, weights, out);
   });
   return cuda::check_launch("moe scatter_add_rows kernel");
+}
+
+Status gelu_tanh_backward_rows_cuda(const void* pre, const void* d_hid, DType dtype, int64_t n_rows, int64_t width,
+                                    const float* row_weights, void* hid_w, void* d_pre, float* row_dot, int device,
+                                    void* stream) {
+  Status st = reject_fp64(dtype, "moe_gelu_backward_rows");
+  if (!st.ok()) return st;
+  if (n_rows < 0 || width < 0) return Status::Invalid("moe_gelu_backward_rows: sizes must be non-negative");
+  cuda::DeviceGuard guard(device);
+  if (!guard.status().ok()) return guard.status();
+  if (n_rows == 0) return Status::Ok();
+  auto s = static_cast<cudaStream_t>(stream);
+  dispatch_half_float(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    gelu_tanh_backward_rows_kernel<T><<<grid_for(n_rows), kRowThreads, 0, s>>>(
+        static_cast<const T*>(pre), static_cast<const T*>(d_hid), n_rows, width, row_weights, static_cast<T*>(hid_w),
+        static_cast<T*>(d_pre), row_dot);
+  });
+  return cuda::check_launch("moe gelu_tanh_backward_rows kernel");
 }
 
 }  // namespace moe

@@ -393,6 +393,43 @@ def moe_scatter_add_rows_(out: Tensor, rows: Tensor, slots: Tensor, top_k: int,
     return out
 
 
+@torch.library.custom_op("unif2ace::moe_gelu_tanh_backward_rows", mutates_args=())
+def _moe_gelu_tanh_backward_rows(pre: Tensor, d_hid: Tensor, row_weights: Optional[Tensor]
+                                 ) -> tuple[Tensor, Tensor, Tensor]:
+    pre, d_hid = pre.contiguous(), d_hid.contiguous()
+    hid_w, d_pre = torch.empty_like(pre), torch.empty_like(pre)
+    row_dot = pre.new_empty(pre.shape[0], dtype=_acc_dtype(pre))
+    _C.moe_gelu_tanh_backward_rows(dl(pre), dl(d_hid), _opt_dl(row_weights), dl(hid_w), dl(d_pre), dl(row_dot),
+                                   stream_of(pre))
+    return hid_w, d_pre, row_dot
+
+
+@_moe_gelu_tanh_backward_rows.register_fake
+def _(pre, d_hid, row_weights):
+    return (torch.empty_like(pre, memory_format=torch.contiguous_format),
+            torch.empty_like(pre, memory_format=torch.contiguous_format),
+            pre.new_empty(pre.shape[0], dtype=_acc_dtype(pre)))
+
+
+def moe_gelu_tanh_backward_rows(pre: Tensor, d_hid: Tensor, row_weights: Optional[Tensor] = None
+                                ) -> tuple[Tensor, Tensor, Tensor]:
+    """The fused expert's activation backward in one pass, for GELU's tanh form: with w = row_weights [n] (None: 1),
+    returns hid_w = w·gelu(pre), d_pre = w·d_hid·gelu'(pre) and row_dot = Σ_f d_hid·gelu(pre) (the gate gradient
+    less ⟨dy, b2⟩, in the accumulation dtype). pre, d_hid [n, F] of one dtype. Not differentiable."""
+    _check_float(pre, "pre", 2)
+    _check_float(d_hid, "d_hid", 2)
+    if d_hid.shape != pre.shape or d_hid.dtype != pre.dtype or d_hid.device != pre.device:
+        raise ValueError(f"d_hid: expected {pre.dtype} {list(pre.shape)} on {pre.device}, got {d_hid.dtype} "
+                         f"{list(d_hid.shape)} on {d_hid.device}")
+    if row_weights is not None:
+        _check_float(row_weights, "row_weights", 1)
+        if (row_weights.shape[0] != pre.shape[0] or row_weights.dtype != _acc_dtype(pre)
+                or row_weights.device != pre.device):
+            raise ValueError(f"row_weights: expected a {_acc_dtype(pre)} tensor [{pre.shape[0]}] on {pre.device}, "
+                             f"got {row_weights.dtype} {list(row_weights.shape)} on {row_weights.device}")
+    return torch.ops.unif2ace.moe_gelu_tanh_backward_rows(pre, d_hid, row_weights)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Expert MLPs over the expert-sorted rows
 # ----------------------------------------------------------------------------------------------------------
@@ -573,17 +610,27 @@ class _ExpertLayer(torch.autograd.Function):
             xe = _gather_rows(x, slots, k)
             dye = _gather_rows(dy, slots, k)
             pre = torch.addmm(b1[e], xe, w1[e].t()) if ctx.recompute else pre_all[a:b]
-            hid = _act(pre, act_name)
             d_hid = torch.mm(dye, w2[e])
-            if weights is not None:
-                # d gate = ⟨dy_t, act(pre)·W2ᵀ + b2⟩ without the expert output: ⟨dy_t·W2, act(pre)⟩ + ⟨dy_t, b2⟩.
-                g_gates[slots] = ((d_hid.to(acc) * hid.to(acc)).sum(1) + dye.to(acc) @ b2[e].to(acc))
-                we = weights[slots].to(x.dtype)[:, None]
-                dye = dye * we
-                d_hid = d_hid * we
-            torch.mm(dye.t(), hid, out=gw2[e])
-            torch.sum(dye, 0, out=gb2[e])
-            d_pre = _act_backward(d_hid, pre, act_name)
+            # d gate = ⟨dy_t, act(pre)·W2ᵀ + b2⟩ without the expert output: ⟨dy_t·W2, act(pre)⟩ + ⟨dy_t, b2⟩.
+            we = None if weights is None else weights[slots]
+            if act_name == "gelu_tanh":
+                # One pass: gate-weighted activation (for the W2 gradient), weighted activation backward, row dots.
+                hid_w = torch.empty_like(d_hid)
+                d_pre = torch.empty_like(d_hid)
+                row_dot = d_hid.new_empty(b - a, dtype=acc) if we is not None else None
+                _C.moe_gelu_tanh_backward_rows(dl(pre), dl(d_hid), _opt_dl(we), dl(hid_w), dl(d_pre),
+                                               _opt_dl(row_dot), stream_of(pre))
+            else:
+                hid = _act(pre, act_name)
+                row_dot = None if we is None else (d_hid.to(acc) * hid.to(acc)).sum(1)
+                hid_w = hid if we is None else hid * we.to(x.dtype)[:, None]
+                d_pre = _act_backward(d_hid if we is None else d_hid * we.to(x.dtype)[:, None], pre, act_name)
+            torch.mm(dye.t(), hid_w, out=gw2[e])
+            if we is None:
+                torch.sum(dye, 0, out=gb2[e])
+            else:
+                g_gates[slots] = row_dot + dye.to(acc) @ b2[e].to(acc)
+                torch.mv(dye.t(), we.to(x.dtype), out=gb2[e])
             torch.mm(d_pre.t(), xe, out=gw1[e])
             torch.sum(d_pre, 0, out=gb1[e])
             if need_x:

@@ -1,6 +1,8 @@
 // Vectorisable fp32 math for the CPU kernels. glibc's expf does not vectorise without -ffast-math, which the
 // core avoids (it changes NaN/inf semantics), so exp is computed here: Cody-Waite range reduction and a
-// degree-6 polynomial, accurate to about 2 ulp over the fp32 range, with exact 0 / inf at the ends.
+// degree-6 polynomial, accurate to about 2 ulp over the fp32 range, with exact 0 / inf at the ends. Its range
+// selects become vector blends only under -fno-trapping-math (set for the core in CMakeLists.txt); without it the
+// loops that call it compile to scalar code.
 #pragma once
 
 #include <cmath>

@@ -71,6 +71,17 @@ Status unpermute_sum_backward_cpu(const void* grad_out, const void* rows, DType 
 Status scatter_add_rows_cpu(const void* rows, DType dtype, int64_t n_rows, int64_t hidden, int64_t top_k,
                             const int64_t* slots, int64_t n_tokens, const void* weights, void* out);
 
+// ---- Expert activation backward ----------------------------------------------------------------------------------
+// One pass over an expert's hidden rows for the backward of act = GELU, tanh form
+// (act(x) = x/2 · (1 + tanh(√(2/π)·(x + 0.044715·x³)))), with per-row gate weights w (null: 1):
+//   hid_w[i, f] = w[i] · act(pre[i, f])                    the W2 gradient is dyᵀ·hid_w
+//   d_pre[i, f] = w[i] · d_hid[i, f] · act'(pre[i, f])     d_hid = dy·W2 of the unweighted output gradient
+//   row_dot[i]  = Σ_f d_hid[i, f] · act(pre[i, f])         the gate gradient, less ⟨dy, b2⟩ (row_dot may be null)
+// pre, d_hid, hid_w, d_pre: [n_rows, F] of `dtype`; w and row_dot in the accumulation type. One tanh per element
+// where separate activation, product, row-sum and activation-backward passes would read the rows five times.
+Status gelu_tanh_backward_rows_cpu(const void* pre, const void* d_hid, DType dtype, int64_t n_rows, int64_t width,
+                                   const void* row_weights, void* hid_w, void* d_pre, void* row_dot);
+
 // ---- CUDA versions (fp32/bf16/fp16 activations and logits, fp32 vectors) -----------------------------------------
 // Same contracts on device pointers, enqueued on `stream` (a cudaStream_t) of `device`. Ids cannot be checked on
 // the device without a host synchronisation, so the CUDA kernels never read or write out of bounds instead:
@@ -111,6 +122,9 @@ Status unpermute_sum_backward_cuda(const void* grad_out, const void* rows, DType
 Status scatter_add_rows_cuda(const void* rows, DType dtype, int64_t n_rows, int64_t hidden, int64_t top_k,
                              const int64_t* slots, int64_t n_tokens, const float* weights, float* out, int device,
                              void* stream);
+Status gelu_tanh_backward_rows_cuda(const void* pre, const void* d_hid, DType dtype, int64_t n_rows, int64_t width,
+                                    const float* row_weights, void* hid_w, void* d_pre, float* row_dot, int device,
+                                    void* stream);
 
 }  // namespace moe
 }  // namespace unif2ace
