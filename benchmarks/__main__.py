@@ -33,8 +33,13 @@ BENCHMARKS = {
                   ["--n", "512", "--dtype", "bfloat16", "--repeat", "1"], ["--device", "cuda", "--dtype", "bfloat16"]),
     "sampling": ("benchmarks.bench_sampling", ["--repeat", "3"], ["--sizes", "256", "--dtype", "float32",
                                                                    "--repeat", "3"], ["--device", "cuda"]),
-    "moe": ("benchmarks.bench_moe", ["--repeat", "3"], ["--tokens", "2048", "--dtype", "float32", "--repeat", "2"],
-            ["--device", "cuda"]),
+    # fp32: three alternating rounds, since the layer comparison sits near parity (both sides are the same matrix
+    # products) and one run on a shared machine swings by +-15%; bf16 (20 s per layer step here): one round.
+    "moe": ("benchmarks.bench_moe", ["--repeat", "3", "--dtype", "float32", "--rounds", "3"],
+            ["--tokens", "2048", "--dtype", "float32", "--repeat", "2"], ["--device", "cuda", "--dtype", "float32"]),
+    "moe_bf16": ("benchmarks.bench_moe", ["--repeat", "3", "--dtype", "bfloat16"],
+                 ["--tokens", "2048", "--dtype", "bfloat16", "--repeat", "2"], ["--device", "cuda", "--dtype",
+                                                                                 "bfloat16"]),
     "train_step": ("benchmarks.bench_model_step", ["--repeat", "2"], ["--presets", "tiny", "--repeat", "2"],
                    ["--device", "cuda", "--presets", "small,medium"]),
 }
@@ -117,9 +122,14 @@ def main(argv=None):
     stem = "gpu-h100" if args.gpu else ("cpu-quick" if args.quick else "cpu")
 
     report = {"when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "machine": machine_info(), "benchmarks": {}}
-    md = [f"# Benchmarks ({'GPU' if args.gpu else 'CPU'})", "",
-          f"Run {report['when']} on: {machine_line()}.", "",
+              "machine": machine_info(), "benchmarks": {}, "sections": {}}
+    # With --only, the other benchmarks' sections of an earlier report are kept (each says when it ran).
+    earlier = {}
+    if args.only and (out / f"{stem}.json").exists():
+        earlier = json.loads((out / f"{stem}.json").read_text())
+    md_head = [f"# Benchmarks ({'GPU' if args.gpu else 'CPU'})", "",
+               f"Run {report['when']} on: {machine_line()}" + (f" (sections not rerun: {earlier.get('when')})"
+                                                              if earlier else "") + ".", "",
           "Reproduce: `python -m benchmarks" + (" --gpu" if args.gpu else (" --quick" if args.quick else "")) + "`.",
           "Every variant runs in a fresh process; peak memory is the tensor memory the measured step holds at its "
           "peak above what was held before it (the allocator's running total, from the profiler's allocation events "
@@ -128,8 +138,21 @@ def main(argv=None):
     if args.gpu:
         ceilings = device_ceilings()
         report["ceilings"] = ceilings
-        md += [f"Measured ceilings: bf16 matmul {ceilings['bf16_matmul_flops'] / 1e12:.0f} TFLOP/s, "
-               f"device copy {ceilings['copy_bytes_per_s'] / 1e12:.2f} TB/s.", ""]
+        md_head += [f"Measured ceilings: bf16 matmul {ceilings['bf16_matmul_flops'] / 1e12:.0f} TFLOP/s, "
+                    f"device copy {ceilings['copy_bytes_per_s'] / 1e12:.2f} TB/s.", ""]
+
+    def write_report():
+        md = list(md_head)
+        for name in BENCHMARKS:
+            for source in (report, earlier):
+                if name in source.get("sections", {}):
+                    md += source["sections"][name]
+                    report["sections"].setdefault(name, source["sections"][name])
+                    report["benchmarks"].setdefault(name, source["benchmarks"].get(name, []))
+                    break
+        (out / f"{stem}.md").write_text("\n".join(md))
+        (out / f"{stem}.json").write_text(json.dumps(report, indent=2))
+
     failures = 0
     for name in names:
         module, cpu_args, quick_args, gpu_args = BENCHMARKS[name]
@@ -142,22 +165,21 @@ def main(argv=None):
             if proc.returncode != 0:
                 failures += 1
                 print(proc.stderr, file=sys.stderr)
-                md += [f"## {name}", "", f"FAILED (exit {proc.returncode}); see the log.", ""]
+                report["sections"][name] = [f"## {name}", "", f"FAILED (exit {proc.returncode}); see the log.", ""]
                 continue
             with open(json_path) as f:
                 data = json.load(f)
         rows = data["results"]
         report["benchmarks"][name] = rows
         png = plot(rows, out / f"{stem}-{name}.png", f"{name} — {machine_line()}")
-        md += [f"## {name}", "", f"`python -m {module} {' '.join(bench_args)}` ({wall:.0f} s)", "", "```",
-               proc.stdout.strip(), "```", ""]
+        section = [f"## {name}", "", f"`python -m {module} {' '.join(bench_args)}` ({wall:.0f} s, run "
+                   f"{report['when']})", "", "```", proc.stdout.strip(), "```", ""]
         if png:
-            md += [f"![{name}]({png.name})", ""]
+            section += [f"![{name}]({png.name})", ""]
+        report["sections"][name] = section
         # Written after every benchmark, so an interrupted run keeps what it measured.
-        (out / f"{stem}.md").write_text("\n".join(md))
-        (out / f"{stem}.json").write_text(json.dumps(report, indent=2))
-    (out / f"{stem}.md").write_text("\n".join(md))
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=2))
+        write_report()
+    write_report()
     print(f"wrote {out / (stem + '.md')} and {out / (stem + '.json')}")
     return 1 if failures else 0
 

@@ -1,5 +1,5 @@
-"""Grouped MoE, forward + backward, every variant in a fresh process (peak memory = its own max RSS above the
-inputs on the CPU; max allocated on CUDA).
+"""Grouped MoE, forward + backward, every variant in a fresh process (peak memory = the tensor memory it holds above
+its inputs at the peak, and on the CPU also its peak RSS; see benchmarks.harness).
 
 (a) routing: gate + dispatch + combine (identity experts, so only the routing is timed) — the fused ops against
     the eager code a user would write (masked softmax, topk, renormalise, bincount, stable argsort,
@@ -9,28 +9,30 @@ inputs on the CPU; max allocated on CUDA).
     gradients.
 
     python -m benchmarks.bench_moe                  # T=8192 H=512 F=256, fp32 and bf16, this CPU
+    python -m benchmarks.bench_moe --dtype float32 --rounds 3   # alternating fresh-process rounds, medians
     python -m benchmarks.bench_moe --tokens 2048 --repeat 2
 On CUDA (when present) the default sizes are T=16384, H=2048, F=1024.
 
-Measured with `python -m benchmarks.bench_moe --repeat 3` (one run; a shared 2-core VM, load average ≈2.5 during
-the run, so absolute times are several times slower than on an idle machine; "CPU ms" is the process CPU time):
+Latest CPU results: benchmarks/results/cpu.md (sections moe and moe_bf16). Measured with
+`python -m benchmarks.bench_moe --repeat 3 --dtype float32 --rounds 3` on a shared 2-core VM:
 
-    Grouped MoE forward+backward on cpu, T=8192 H=512 F=256 2x8 top-4 — AMD EPYC, 2 threads, torch 2.13.0+cpu
-    | what                  | dtype    | variant   | fwd+bwd ms (median) | CPU ms  | speed-up | peak extra MiB | memory ratio | kernels vs reference (max rel. diff) |
-    |-----------------------|----------|-----------|---------------------|---------|----------|----------------|--------------|--------------------------------------|
-    | gate+dispatch+combine | float32  | eager     | 1056.0              | 1052.7  | 1.00x    | 287.4          | 1.00x        |                                      |
-    | gate+dispatch+combine | float32  | kernels   | 335.9               | 332.4   | 3.14x    | 159.4          | 0.55x        |                                      |
-    | GroupedTokenMoE       | float32  | reference | 7477.4              | 7505.3  | 1.00x    | 389.2          | 1.00x        |                                      |
-    | GroupedTokenMoE       | float32  | kernels   | 3963.5              | 3953.4  | 1.89x    | 384.7          | 0.99x        | y 1.3e-07, dx 1.8e-07, dW1 2.7e-07   |
-    | gate+dispatch+combine | bfloat16 | eager     | 808.9               | 816.6   | 1.00x    | 144.0          | 1.00x        |                                      |
-    | gate+dispatch+combine | bfloat16 | kernels   | 247.9               | 247.3   | 3.26x    | 72.4           | 0.50x        |                                      |
-    | GroupedTokenMoE       | bfloat16 | reference | 27448.0             | 27424.5 | 1.00x    | 170.7          | 1.00x        |                                      |
-    | GroupedTokenMoE       | bfloat16 | kernels   | 24051.7             | 24010.6 | 1.14x    | 149.4          | 0.88x        | y 5.6e-03, dx 7.9e-03, dW1 5.9e-03   |
+    | what                  | dtype   | variant   | fwd+bwd ms (median) | speed-up | peak extra MiB | memory ratio |
+    |-----------------------|---------|-----------|---------------------|----------|----------------|--------------|
+    | gate+dispatch+combine | float32 | eager     | 255.1               | 1.00x    | 257.3          | 1.00x        |
+    | gate+dispatch+combine | float32 | kernels   | 125.6               | 2.03x    | 144.3          | 0.56x        |
+    | GroupedTokenMoE       | float32 | reference | 962.0               | 1.00x    | 312.4          | 1.00x        |
+    | GroupedTokenMoE       | float32 | kernels   | 827.0               | 1.16x    | 100.0          | 0.32x        |
+
+On this VM a fresh 64 MiB buffer costs ~35 ms to fault in (8 ms to fill), and glibc maps every [T·k, H] tensor
+afresh, so the routing ratio mostly counts buffers: the dispatch/combine ops need two per step, the eager code about
+five. Under a caching allocator (MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1099511627776, both sides) the routing
+ratio is 1.2-1.5x. The layer keeps none of those buffers (ops.moe_experts), hence its memory ratio.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 
 import torch
@@ -144,6 +146,22 @@ def _child_args(args, part, variant, dtype):
             "--experts", str(args.experts), "--top-k", str(args.top_k), "--repeat", str(args.repeat)]
 
 
+def _rounds(args, part, variants, dtype) -> dict:
+    """Each variant in `args.rounds` fresh processes, the order reversed every other round; per variant the medians
+    over the rounds of wall time, CPU time and peak RSS (the allocator peak is the same in every round)."""
+    runs = {v: [] for v in variants}
+    for i in range(args.rounds):
+        for v in (variants if i % 2 == 0 else variants[::-1]):
+            runs[v].append(run_isolated("benchmarks.bench_moe", _child_args(args, part, v, dtype)))
+    out = {}
+    for v, rs in runs.items():
+        out[v] = dict(rs[0], rounds=len(rs), time_s_rounds=[r["time_s"] for r in rs])
+        for key in ("time_s", "cpu_s", "peak_rss_bytes", "peak_bytes"):
+            if key in rs[0]:
+                out[v][key] = statistics.median(r[key] for r in rs)
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -157,6 +175,9 @@ def main(argv=None):
     p.add_argument("--experts", type=int, default=8, help="experts per group (2 groups)")
     p.add_argument("--top-k", type=int, default=4)
     p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="fresh-process runs per variant, in alternating order (A B, B A, ...); times are the median "
+                        "over the rounds, which cancels much of a shared machine's drift")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
     gpu = args.device == "cuda"
@@ -171,7 +192,7 @@ def main(argv=None):
     size = f"T={args.tokens} H={args.hidden} F={args.expert_hidden} 2x{args.experts} top-{args.top_k}"
     for dtype in dtypes:
         for part, variants in (("routing", ROUTING), ("layer", LAYER)):
-            r = {v: run_isolated("benchmarks.bench_moe", _child_args(args, part, v, dtype)) for v in variants}
+            r = _rounds(args, part, variants, dtype)
             base = r[variants[0]]
             match = ""
             if part == "layer":
@@ -180,13 +201,15 @@ def main(argv=None):
             what = "gate+dispatch+combine" if part == "routing" else "GroupedTokenMoE"
             for v in variants:
                 t, mem = r[v]["time_s"], r[v]["peak_bytes"]
-                rows.append([what, dtype, v, ms(t), ms(r[v].get("cpu_s", float("nan"))), f"{base['time_s'] / t:.2f}x", mib(mem),
+                rows.append([what, dtype, v, ms(t), ms(r[v].get("cpu_s", float("nan"))), f"{base['time_s'] / t:.2f}x",
+                             mib(mem),
                              f"{mem / max(1, base['peak_bytes']):.2f}x", rss_mib(r[v]),
                              match if v == "kernels" else ""])
                 results.append(dict(config=f"{what} {dtype}", part=part, dtype=dtype, variant=v, size=size, **r[v]))
     table = format_table(["what", "dtype", "variant", "fwd+bwd ms (median)", "CPU ms", "speed-up", "peak extra MiB",
                           "memory ratio", "peak RSS MiB", "kernels vs reference (max rel. diff)"], rows)
-    print(f"Grouped MoE forward+backward on {args.device}, {size} — {machine_line()}")
+    print(f"Grouped MoE forward+backward on {args.device}, {size} — {machine_line()}"
+          + (f"; median of {args.rounds} alternating fresh-process rounds" if args.rounds > 1 else ""))
     print(table)
     if args.json:
         with open(args.json, "w") as f:
