@@ -278,3 +278,19 @@ def test_gelu_tanh_backward_rows_cuda_match_cpu(dtype):
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     for a, b in zip(cpu, gpu):
         torch.testing.assert_close(b.cpu().float(), a.float(), rtol=tol, atol=tol * 10)
+
+
+def test_experts_under_autocast_run_in_the_autocast_dtype():
+    x, gates, ids, weights = _experts_inputs(64, 16, 12, 4, 2, torch.float32, seed=13)
+    dy = torch.randn(64, 16, generator=_gen(14))
+    results = []
+    for autocast in (False, True):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, gates, *weights)]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = _fused(leaves[0], leaves[1], ids, leaves[2:])
+            assert y.dtype == (torch.bfloat16 if autocast else torch.float32)
+            (y.float() * dy).sum().backward()
+        assert all(t.grad.dtype == torch.float32 for t in leaves)  # fp32 leaves get fp32 gradients
+        results.append([y.detach().float()] + [t.grad for t in leaves])
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, rtol=5e-2, atol=5e-2 * max(1.0, a.abs().max().item()))

@@ -589,6 +589,13 @@ class _ExpertLayer(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
+        # The forward ran with autocast off, in the dtype of its inputs; so does the backward, whatever the caller's
+        # autocast state during .backward().
+        with torch.autocast(grad_y.device.type, enabled=False):
+            return _ExpertLayer._backward(ctx, grad_y)
+
+    @staticmethod
+    def _backward(ctx, grad_y):
         x, gates, sorted_slot, w1, b1, w2, b2, pre_all = ctx.saved_tensors
         k, act_name = ctx.top_k, ctx.activation
         acc = _acc_dtype(x)
@@ -684,11 +691,20 @@ def moe_experts(
             raise ValueError(f"sorted_slot: without gates its length ({sorted_slot.numel()}) must be a positive "
                              f"multiple of the number of tokens ({n_tokens})")
     _check_index(sorted_slot, "sorted_slot", (n_tokens * top_k,), x.device)
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        # Under autocast the whole fused pass runs in the autocast dtype: x and the weights are cast here (the casts
+        # are ordinary autograd ops, so fp32 master weights get fp32 gradients) and autocast is off inside.
+        dt = torch.get_autocast_dtype(device_type)
+        x, w1, b1, w2, b2 = (t.to(dt) for t in (x, w1, b1, w2, b2))
+        if gates is not None:
+            gates = gates.to(_acc_dtype(x))
     bounds = _expert_bounds(expert_offsets, x, w1, b1, w2, b2, n_rows=n_tokens * top_k, x_name="x")
     if w2.shape[1] != x.shape[1]:
         raise ValueError(f"w2: the experts' output width ({w2.shape[1]}) must equal the width of x ({x.shape[1]})")
-    return _ExpertLayer.apply(x.contiguous(), gates, sorted_slot.contiguous(), bounds, top_k, activation,
-                              bool(recompute), w1, b1, w2, b2)
+    with torch.autocast(device_type, enabled=False):
+        return _ExpertLayer.apply(x.contiguous(), gates, sorted_slot.contiguous(), bounds, top_k, activation,
+                                  bool(recompute), w1, b1, w2, b2)
 
 
 def balance_loss(expert_counts: Tensor, router_prob_mean: Tensor, num_groups: int) -> Tensor:
