@@ -88,12 +88,6 @@ def _layer(args, device, dtype):
     return m, x, gid
 
 
-def _measure(step, args):
-    """measure_in_child; its result also carries the median process CPU time of the timed calls ("cpu_s"; wall
-    time alone is misleading on a shared, oversubscribed machine)."""
-    return measure_in_child(step, warmup=1, repeat=args.repeat, device=args.device)
-
-
 def child(args) -> None:
     device, dtype = args.device, getattr(torch, args.dtype)
     torch.manual_seed(0)
@@ -111,7 +105,7 @@ def child(args) -> None:
             ((y * dy[:n]).sum() + aux).backward()
 
         step(64)  # one-time costs (library imports, op registration) stay out of the memory baseline
-        report(_measure(step, args))
+        report(measure_in_child(step, warmup=1, repeat=args.repeat, device=args.device))
         return
 
     m, x, gid = _layer(args, device, dtype)
@@ -137,7 +131,7 @@ def child(args) -> None:
     step(16)  # one-time costs (library imports, op registration) stay out of the memory baseline
     m.zero_grad(set_to_none=True)
     x.grad = None
-    report(_measure(step, args))
+    report(measure_in_child(step, warmup=1, repeat=args.repeat, device=args.device))
 
 
 def _child_args(args, part, variant, dtype):

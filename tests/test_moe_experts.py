@@ -85,7 +85,7 @@ def test_scatter_add_rows_opcheck():
 # ---------------------------------------------------------------------------------------------------------
 # moe_gelu_tanh_backward_rows
 # ---------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-6), (torch.bfloat16, 1e-2),
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-6), (torch.bfloat16, 8e-3),
                                        (torch.float16, 2e-3)])
 @pytest.mark.parametrize("n,width,weighted", [(37, 19, True), (1, 1, False), (0, 5, True), (64, 256, False),
                                               (5, 300, True)])
@@ -106,7 +106,9 @@ def test_gelu_tanh_backward_rows_matches_autograd(dtype, tol, n, width, weighted
     assert hid_w.dtype == dtype and d_pre.dtype == dtype and row_dot.dtype == acc
     torch.testing.assert_close(hid_w.double(), act * scale, rtol=tol, atol=tol)
     torch.testing.assert_close(d_pre.double(), want_d_pre, rtol=tol, atol=tol)
-    torch.testing.assert_close(row_dot.double(), (d64 * act).sum(1), rtol=tol * 10, atol=tol * 10 * max(1, width))
+    # row_dot is accumulated in fp32 (fp64) from inputs every dtype represents exactly: fp32-level error for all.
+    dot_tol = 1e-12 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(row_dot.double(), (d64 * act).sum(1), rtol=dot_tol, atol=dot_tol)
 
 
 def test_gelu_tanh_backward_rows_opcheck_and_bad_inputs():

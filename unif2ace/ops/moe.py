@@ -355,10 +355,34 @@ def moe_combine(y_sorted: Tensor, gates: Tensor, sorted_slot: Tensor) -> Tensor:
     return torch.ops.unif2ace.moe_unpermute(y_sorted, gates.to(_acc_dtype(y_sorted)), sorted_slot, top_k)
 
 
-@torch.library.custom_op("unif2ace::moe_scatter_add_rows", mutates_args=("out",))
-def _moe_scatter_add_rows(out: Tensor, rows: Tensor, slots: Tensor, top_k: int, weights: Optional[Tensor]) -> None:
+# Raw kernel calls, shared by the custom ops below and by the fused layer (_ExpertLayer), which calls them directly:
+# inside its own autograd node the custom-op layer would only add its dispatch cost (tens of microseconds per
+# call, per expert).
+def _gather_rows(src: Tensor, slots: Tensor, top_k: int) -> Tensor:
+    """src[slots // top_k] through the permute kernel."""
+    out = src.new_empty(slots.shape[0], src.shape[1])
+    _C.moe_permute_rows(dl(src), dl(slots), top_k, dl(out), stream_of(src))
+    return out
+
+
+def _scatter_add_rows(out: Tensor, rows: Tensor, slots: Tensor, top_k: int, weights: Optional[Tensor]) -> None:
     _C.moe_scatter_add_rows(dl(out), dl(rows.contiguous()), dl(slots.contiguous()), top_k, _opt_dl(weights),
                             stream_of(rows))
+
+
+def _gelu_tanh_backward_rows(pre: Tensor, d_hid: Tensor, row_weights: Optional[Tensor], with_row_dot: bool
+                             ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    pre, d_hid = pre.contiguous(), d_hid.contiguous()
+    hid_w, d_pre = torch.empty_like(pre), torch.empty_like(pre)
+    row_dot = pre.new_empty(pre.shape[0], dtype=_acc_dtype(pre)) if with_row_dot else None
+    _C.moe_gelu_tanh_backward_rows(dl(pre), dl(d_hid), _opt_dl(row_weights), dl(hid_w), dl(d_pre), _opt_dl(row_dot),
+                                   stream_of(pre))
+    return hid_w, d_pre, row_dot
+
+
+@torch.library.custom_op("unif2ace::moe_scatter_add_rows", mutates_args=("out",))
+def _moe_scatter_add_rows(out: Tensor, rows: Tensor, slots: Tensor, top_k: int, weights: Optional[Tensor]) -> None:
+    _scatter_add_rows(out, rows, slots, top_k, weights)
 
 
 @_moe_scatter_add_rows.register_fake
@@ -396,12 +420,7 @@ def moe_scatter_add_rows_(out: Tensor, rows: Tensor, slots: Tensor, top_k: int,
 @torch.library.custom_op("unif2ace::moe_gelu_tanh_backward_rows", mutates_args=())
 def _moe_gelu_tanh_backward_rows(pre: Tensor, d_hid: Tensor, row_weights: Optional[Tensor]
                                  ) -> tuple[Tensor, Tensor, Tensor]:
-    pre, d_hid = pre.contiguous(), d_hid.contiguous()
-    hid_w, d_pre = torch.empty_like(pre), torch.empty_like(pre)
-    row_dot = pre.new_empty(pre.shape[0], dtype=_acc_dtype(pre))
-    _C.moe_gelu_tanh_backward_rows(dl(pre), dl(d_hid), _opt_dl(row_weights), dl(hid_w), dl(d_pre), dl(row_dot),
-                                   stream_of(pre))
-    return hid_w, d_pre, row_dot
+    return _gelu_tanh_backward_rows(pre, d_hid, row_weights, with_row_dot=True)
 
 
 @_moe_gelu_tanh_backward_rows.register_fake
@@ -444,6 +463,19 @@ def _act_backward(grad: Tensor, h: Tensor, activation: str) -> Tensor:
     return torch.ops.aten.gelu_backward(grad, h, approximate="tanh" if activation == "gelu_tanh" else "none")
 
 
+def _expert_weight_grads(w1: Tensor, w2: Tensor, bounds: tuple) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Uninitialised (gw1, gb1, gw2, gb2) for the stacked expert weights, with the slices of experts without rows
+    zeroed: the backward passes write every other slice in full."""
+    gw1, gw2 = torch.empty_like(w1), torch.empty_like(w2)
+    gb1 = w1.new_empty(w1.shape[0], w1.shape[1])
+    gb2 = w2.new_empty(w2.shape[0], w2.shape[1])
+    for e, (a, b) in enumerate(bounds):
+        if b == a:
+            for grad in (gw1, gb1, gw2, gb2):
+                grad[e].zero_()
+    return gw1, gb1, gw2, gb2
+
+
 class _GroupedMLP(torch.autograd.Function):
     """Per-expert 2-matrix MLPs over contiguous row ranges. Saves only the pre-activation [N, F] (the activation is
     recomputed in the backward) and writes every weight gradient straight into its slice of the stacked gradient."""
@@ -469,13 +501,9 @@ class _GroupedMLP(torch.autograd.Function):
         # Every row and every expert with tokens is written below; only the rest is zeroed.
         gx = torch.empty_like(x)
         gx[ctx.bounds[-1][1]:].zero_()
-        gw1, gw2 = torch.empty_like(w1), torch.empty_like(w2)
-        gb1 = w1.new_empty(w1.shape[0], w1.shape[1])
-        gb2 = w2.new_empty(w2.shape[0], w2.shape[1])
+        gw1, gb1, gw2, gb2 = _expert_weight_grads(w1, w2, ctx.bounds)
         for e, (a, b) in enumerate(ctx.bounds):
             if b == a:
-                for g in (gw1, gw2, gb1, gb2):
-                    g[e].zero_()
                 continue
             dy, h = grad_out[a:b], pre[a:b]
             torch.mm(dy.t(), _act(h, ctx.activation), out=gw2[e])
@@ -532,26 +560,14 @@ def grouped_mlp(
     expert_offsets[-1] (slots whose expert id was invalid, possible on CUDA only) come out as zeros.
 
     The slicing reads expert_offsets on the host: free on the CPU, one device-to-host synchronisation per call on
-    CUDA (the only one in the MoE path; torch._grouped_mm would remove it on sm90 bf16, but its CPU path is slower
-    than this loop and its CPU backward fails for these layouts in torch 2.13).
+    CUDA (as in moe_experts; torch._grouped_mm would remove it on sm90 bf16, but its CPU path is slower than this
+    loop and its CPU backward fails for these layouts in torch 2.13).
     """
     if activation not in _ACTIVATIONS:
         raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {activation!r}")
     _check_float(x_sorted, "x_sorted", 2)
     bounds = _expert_bounds(expert_offsets, x_sorted, w1, b1, w2, b2, n_rows=x_sorted.shape[0], x_name="x_sorted")
     return _GroupedMLP.apply(x_sorted.contiguous(), bounds, activation, w1, b1, w2, b2)
-
-
-def _gather_rows(src: Tensor, slots: Tensor, top_k: int) -> Tensor:
-    """src[slots // top_k] through the permute kernel, called directly: inside the fused layer's own autograd node
-    the custom-op layer would only add its dispatch cost (tens of microseconds per call, per expert)."""
-    out = src.new_empty(slots.shape[0], src.shape[1])
-    _C.moe_permute_rows(dl(src), dl(slots), top_k, dl(out), stream_of(src))
-    return out
-
-
-def _scatter_add_rows(out: Tensor, rows: Tensor, slots: Tensor, top_k: int, weights: Optional[Tensor]) -> None:
-    _C.moe_scatter_add_rows(dl(out), dl(rows.contiguous()), dl(slots), top_k, _opt_dl(weights), stream_of(rows))
 
 
 class _ExpertLayer(torch.autograd.Function):
@@ -604,14 +620,9 @@ class _ExpertLayer(torch.autograd.Function):
         gx = torch.zeros(x.shape, dtype=acc, device=x.device) if need_x else None
         weights = gates.reshape(-1) if ctx.has_gates else None
         g_gates = torch.zeros_like(weights) if ctx.has_gates else None
-        # Every expert with rows has its gradient slices written in full below; only the others are zeroed.
-        gw1, gw2 = torch.empty_like(w1), torch.empty_like(w2)
-        gb1 = w1.new_empty(w1.shape[0], w1.shape[1])
-        gb2 = w2.new_empty(w2.shape[0], w2.shape[1])
+        gw1, gb1, gw2, gb2 = _expert_weight_grads(w1, w2, ctx.bounds)
         for e, (a, b) in enumerate(ctx.bounds):
             if b == a:
-                for grad in (gw1, gb1, gw2, gb2):
-                    grad[e].zero_()
                 continue
             slots = sorted_slot[a:b]
             xe = _gather_rows(x, slots, k)
@@ -622,12 +633,10 @@ class _ExpertLayer(torch.autograd.Function):
             we = None if weights is None else weights[slots]
             if act_name == "gelu_tanh":
                 # One pass: gate-weighted activation (for the W2 gradient), weighted activation backward, row dots.
-                hid_w = torch.empty_like(d_hid)
-                d_pre = torch.empty_like(d_hid)
-                row_dot = d_hid.new_empty(b - a, dtype=acc) if we is not None else None
-                _C.moe_gelu_tanh_backward_rows(dl(pre), dl(d_hid), _opt_dl(we), dl(hid_w), dl(d_pre),
-                                               _opt_dl(row_dot), stream_of(pre))
+                hid_w, d_pre, row_dot = _gelu_tanh_backward_rows(pre, d_hid, we, with_row_dot=we is not None)
             else:
+                # The erf form has no fused kernel (cpu_math.h has no vectorisable erf): the same quantities from
+                # torch's activation ops.
                 hid = _act(pre, act_name)
                 row_dot = None if we is None else (d_hid.to(acc) * hid.to(acc)).sum(1)
                 hid_w = hid if we is None else hid * we.to(x.dtype)[:, None]
@@ -682,7 +691,6 @@ def moe_experts(
             raise ValueError(f"gates: expected [{n_tokens}, k] on {x.device}, got {list(gates.shape)} on "
                              f"{gates.device}")
         top_k = gates.shape[1]
-        gates = gates.to(_acc_dtype(x)).contiguous()
     else:
         if not isinstance(sorted_slot, Tensor):
             raise ValueError(f"sorted_slot: expected a tensor, got {type(sorted_slot).__name__}")
@@ -697,8 +705,8 @@ def moe_experts(
         # are ordinary autograd ops, so fp32 master weights get fp32 gradients) and autocast is off inside.
         dt = torch.get_autocast_dtype(device_type)
         x, w1, b1, w2, b2 = (t.to(dt) for t in (x, w1, b1, w2, b2))
-        if gates is not None:
-            gates = gates.to(_acc_dtype(x))
+    if gates is not None:
+        gates = gates.to(_acc_dtype(x)).contiguous()  # after any autocast cast of x: the dtype the kernels expect
     bounds = _expert_bounds(expert_offsets, x, w1, b1, w2, b2, n_rows=n_tokens * top_k, x_name="x")
     if w2.shape[1] != x.shape[1]:
         raise ValueError(f"w2: the experts' output width ({w2.shape[1]}) must equal the width of x ({x.shape[1]})")
