@@ -93,7 +93,7 @@ def plot(rows, path, title):
                 if r.get(key) is None or not base.get(key):
                     continue
                 ratio = base[key] / r[key] if key == "time_s" else r[key] / base[key]
-                labels.append(f"{c} | {r['variant']} vs {base['variant']}")
+                labels.append(f"{c}\n{r['variant']} vs {base['variant']}")
                 values.append(ratio)
         ax.barh(range(len(values)), values, color="tab:blue")
         ax.set_yticks(range(len(values)), labels, fontsize=7)

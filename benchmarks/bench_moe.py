@@ -16,17 +16,24 @@ On CUDA (when present) the default sizes are T=16384, H=2048, F=1024.
 Latest CPU results: benchmarks/results/cpu.md (sections moe and moe_bf16). Measured with
 `python -m benchmarks.bench_moe --repeat 3 --dtype float32 --rounds 3` on a shared 2-core VM:
 
-    | what                  | dtype   | variant   | fwd+bwd ms (median) | speed-up | peak extra MiB | memory ratio |
-    |-----------------------|---------|-----------|---------------------|----------|----------------|--------------|
-    | gate+dispatch+combine | float32 | eager     | 255.1               | 1.00x    | 257.3          | 1.00x        |
-    | gate+dispatch+combine | float32 | kernels   | 125.6               | 2.03x    | 144.3          | 0.56x        |
-    | GroupedTokenMoE       | float32 | reference | 962.0               | 1.00x    | 312.4          | 1.00x        |
-    | GroupedTokenMoE       | float32 | kernels   | 827.0               | 1.16x    | 100.0          | 0.32x        |
+    | what                                     | variant   | fwd+bwd ms | speed-up | peak extra MiB | memory ratio |
+    |------------------------------------------|-----------|------------|----------|----------------|--------------|
+    | gate+dispatch+combine                    | eager     | 275.8      | 1.00x    | 257.3          | 1.00x        |
+    | gate+dispatch+combine                    | kernels   | 131.4      | 2.10x    | 144.3          | 0.56x        |
+    | same, both with THP_MEM_ALLOC_ENABLE=1   | eager     | 144.4      | 1.00x    | 257.3          | 1.00x        |
+    | same, both with THP_MEM_ALLOC_ENABLE=1   | kernels   | 81.3       | 1.78x    | 144.3          | 0.56x        |
+    | GroupedTokenMoE                          | reference | 835.7      | 1.00x    | 312.4          | 1.00x        |
+    | GroupedTokenMoE                          | kernels   | 867.5      | 0.96x    | 100.0          | 0.32x        |
 
-On this VM a fresh 64 MiB buffer costs ~35 ms to fault in (8 ms to fill), and glibc maps every [T·k, H] tensor
-afresh, so the routing ratio mostly counts buffers: the dispatch/combine ops need two per step, the eager code about
-five. Under a caching allocator (MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1099511627776, both sides) the routing
-ratio is 1.2-1.5x. The layer keeps none of those buffers (ops.moe_experts), hence its memory ratio.
+The layer sits at parity because both backends run the same expert matrix products (77% of its time); its median
+over three rounds has ranged from 0.96x to 1.16x between runs, and an interleaved in-process A/B gives 1.08-1.09x.
+
+On this VM a fresh 64 MiB buffer costs ~25 ms to fault in (4 ms to fill once faulted), and glibc maps every
+[T·k, H] tensor afresh, so the routing ratio mostly counts buffers: the dispatch/combine ops need two per step, the
+eager code about five. On the CPU the routing comparison therefore runs a second time with torch's huge-page
+allocator (THP_MEM_ALLOC_ENABLE=1) on both sides, where a fresh buffer costs ~9 ms: that row pair is the ratio of
+the work itself (--no-huge-page-control skips it). The layer keeps none of those buffers (ops.moe_experts), hence
+its memory ratio.
 """
 from __future__ import annotations
 
@@ -140,13 +147,14 @@ def _child_args(args, part, variant, dtype):
             "--experts", str(args.experts), "--top-k", str(args.top_k), "--repeat", str(args.repeat)]
 
 
-def _rounds(args, part, variants, dtype) -> dict:
+def _rounds(args, part, variants, dtype, extra_env=None) -> dict:
     """Each variant in `args.rounds` fresh processes, the order reversed every other round; per variant the medians
     over the rounds of wall time, CPU time and peak RSS (the allocator peak is the same in every round)."""
     runs = {v: [] for v in variants}
     for i in range(args.rounds):
         for v in (variants if i % 2 == 0 else variants[::-1]):
-            runs[v].append(run_isolated("benchmarks.bench_moe", _child_args(args, part, v, dtype)))
+            runs[v].append(run_isolated("benchmarks.bench_moe", _child_args(args, part, v, dtype),
+                                        extra_env=extra_env))
     out = {}
     for v, rs in runs.items():
         out[v] = dict(rs[0], rounds=len(rs), time_s_rounds=[r["time_s"] for r in rs])
@@ -172,6 +180,10 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=1,
                    help="fresh-process runs per variant, in alternating order (A B, B A, ...); times are the median "
                         "over the rounds, which cancels much of a shared machine's drift")
+    p.add_argument("--no-huge-page-control", dest="huge_page_control", action="store_false",
+                   help="on the CPU, skip the second routing comparison in which both sides run with torch's "
+                        "huge-page allocator (THP_MEM_ALLOC_ENABLE=1), which makes fresh buffers cheap to fault in "
+                        "and so separates that cost from the work of the ops")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
     gpu = args.device == "cuda"
@@ -185,21 +197,27 @@ def main(argv=None):
     rows, results = [], []
     size = f"T={args.tokens} H={args.hidden} F={args.expert_hidden} 2x{args.experts} top-{args.top_k}"
     for dtype in dtypes:
-        for part, variants in (("routing", ROUTING), ("layer", LAYER)):
-            r = _rounds(args, part, variants, dtype)
+        parts = [("routing", ROUTING, None), ("layer", LAYER, None)]
+        if args.huge_page_control and not gpu:
+            parts.insert(1, ("routing", ROUTING, {"THP_MEM_ALLOC_ENABLE": "1"}))
+        for part, variants, extra_env in parts:
+            r = _rounds(args, part, variants, dtype, extra_env)
             base = r[variants[0]]
             match = ""
             if part == "layer":
                 c = run_isolated("benchmarks.bench_moe", _child_args(args, "layer", "check", dtype))
                 match = f"y {c['y_rel']:.1e}, dx {c['grad_x_rel']:.1e}, dW1 {c['grad_w1_rel']:.1e}"
             what = "gate+dispatch+combine" if part == "routing" else "GroupedTokenMoE"
+            if extra_env:
+                what += " (THP alloc, both)"
             for v in variants:
                 t, mem = r[v]["time_s"], r[v]["peak_bytes"]
                 rows.append([what, dtype, v, ms(t), ms(r[v].get("cpu_s", float("nan"))), f"{base['time_s'] / t:.2f}x",
                              mib(mem),
                              f"{mem / max(1, base['peak_bytes']):.2f}x", rss_mib(r[v]),
                              match if v == "kernels" else ""])
-                results.append(dict(config=f"{what} {dtype}", part=part, dtype=dtype, variant=v, size=size, **r[v]))
+                results.append(dict(config=f"{what} {dtype}", part=part, dtype=dtype, variant=v, size=size,
+                                    env=extra_env or {}, **r[v]))
     table = format_table(["what", "dtype", "variant", "fwd+bwd ms (median)", "CPU ms", "speed-up", "peak extra MiB",
                           "memory ratio", "peak RSS MiB", "kernels vs reference (max rel. diff)"], rows)
     print(f"Grouped MoE forward+backward on {args.device}, {size} — {machine_line()}"

@@ -138,10 +138,10 @@ def peak_allocated_cpu(fn: Callable[[], object]) -> int:
     return max(0, max(total for total, _ in during) - held)
 
 
-def run_isolated(module: str, args: list[str], timeout: float = 1800) -> dict:
-    """Runs `python -m module args...` in a fresh process; the child prints one JSON line prefixed
-    'RESULT ' which is returned as a dict."""
-    env = dict(os.environ)
+def run_isolated(module: str, args: list[str], timeout: float = 1800, extra_env: dict | None = None) -> dict:
+    """Runs `python -m module args...` in a fresh process (with `extra_env` added to its environment); the child
+    prints one JSON line prefixed 'RESULT ' which is returned as a dict."""
+    env = dict(os.environ, **(extra_env or {}))
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     out = subprocess.run(
