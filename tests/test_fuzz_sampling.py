@@ -12,30 +12,12 @@ from hypothesis import strategies as st
 from unif2ace.ops import maskgit_generate, maskgit_step, philox_noise, sample_next_token
 from unif2ace.ops import reference as ref
 
+from fuzz_checks import assert_unchanged, call_checked, expect_error, snapshot
+
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 LOGITS = [torch.float32, torch.bfloat16, torch.float16]
 SPECIALS = [1e4, -1e4, float("inf"), float("-inf"), float("nan")]
 BAD_SEEDS = [-1, 2**63, 2**64]
-
-
-def snapshot(*tensors):
-    return [None if t is None else t.clone() for t in tensors]
-
-
-def assert_unchanged(before, after):
-    for b, a in zip(before, after):
-        if b is None:
-            continue
-        if b.is_floating_point():
-            assert torch.equal(b.isnan(), a.isnan()) and torch.equal(b.nan_to_num(), a.nan_to_num()), "input modified"
-        else:
-            assert torch.equal(b, a), "input modified"
-
-
-def expect_error(exc, bad_names):
-    assert isinstance(exc, (ValueError, RuntimeError)), f"unclean error {type(exc).__name__}: {exc}"
-    assert bad_names, f"valid input rejected: {exc}"
-    assert any(n in str(exc) for n in bad_names), f"error {exc!r} names none of {bad_names}"
 
 
 def with_specials(draw, g, shape, dtype, scale):
@@ -140,16 +122,12 @@ def test_maskgit_step_fuzz(case):
             z = z + kw["guidance_scale"] * (z - uncond.float())
         if (bad_rows(z, 1.0 / kw["temperature"]) & (tokens == mask_id)).any():
             bad.append("cond_logits")
-    before = snapshot(cond, tokens, uncond)
-    try:
-        new_tokens, sampled, conf = maskgit_step(cond, tokens, step, num_steps, seed=seed, offset=offset,
-                                                 return_confidence=True, **kw)
-    except Exception as e:  # noqa: BLE001
-        expect_error(e, bad)
-        assert_unchanged(before, (cond, tokens, uncond))
+    accepted, out = call_checked(
+        lambda: maskgit_step(cond, tokens, step, num_steps, seed=seed, offset=offset, return_confidence=True, **kw),
+        (cond, tokens, uncond), bad)
+    if not accepted:
         return
-    assert not bad, f"bad input accepted: {bad}"
-    assert_unchanged(before, (cond, tokens, uncond))
+    new_tokens, sampled, conf = out
     B, N, K = cond.shape
     assert new_tokens.shape == sampled.shape == conf.shape == (B, N) and conf.dtype == torch.float32
     assert ((sampled >= 0) & (sampled < K)).all()
@@ -208,15 +186,11 @@ def test_sample_next_token_fuzz(B, V, dtype, temperature, top_k, top_p, seed, sh
                 maybe_bad = True
             else:
                 bad.append("logits")
-    before = snapshot(logits)
-    try:
-        out = sample_next_token(logits, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, offset=3)
-    except Exception as e:  # noqa: BLE001
-        expect_error(e, bad + (["logits"] if maybe_bad else []))
-        assert_unchanged(before, (logits,))
+    accepted, out = call_checked(
+        lambda: sample_next_token(logits, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, offset=3),
+        (logits,), bad, may_reject_for=["logits"] if maybe_bad else [])
+    if not accepted:
         return
-    assert not bad, f"bad input accepted: {bad}"
-    assert_unchanged(before, (logits,))
     assert out.shape == (B,) and out.dtype == torch.int64
     assert ((out >= 0) & (out < V)).all()
     if maybe_bad:
