@@ -1,12 +1,13 @@
 """Where the time of the MoE routing step goes, op by op, on the CPU.
 
-Each routing kernel is timed twice in one process: as users call it (its outputs fresh from torch's allocator) and
-writing into output buffers that were already faulted in. The difference is the cost of faulting in fresh pages,
+Each routing kernel is timed twice in one process: as users call it (its outputs fresh from torch's allocator and
+released again within the timed call, as in a training step) and writing into output buffers that were already
+faulted in. The difference is the cost of faulting in (and unmapping) fresh pages,
 which for the [T·k, H] outputs (64 MiB at the default size, mapped afresh by glibc on every call) outweighs the
 kernels' own work on a VM. The eager op each kernel replaces is timed the same two ways where torch has an out=
-form. A plain fill of a [T·k, H] tensor gives the machine's floor. For the [T, H] outputs (16 MiB, which glibc
-serves again from its heap) there is no faulting, and the small difference is the op's own bookkeeping
-(the dispatcher, and moe_unpermute's inversion of sorted_slot).
+form. A plain fill of a [T·k, H] tensor gives the machine's floor. The [T, H] outputs (16 MiB) glibc serves from
+its heap, so their difference is smaller and depends on the heap's state: the op's own bookkeeping (the
+dispatcher, moe_unpermute's inversion of sorted_slot) plus whatever the heap gives back and takes again.
 
     python -m benchmarks.bench_moe_routing_ops                     # T=8192 H=512 top-4 of 2x8, fp32
     python -m benchmarks.bench_moe_routing_ops --tokens 2048 --repeat 20
@@ -15,37 +16,25 @@ Measured on the development VM (AMD EPYC, 2 threads, torch 2.13.0+cpu), T=8192 H
 
     | op                                     | fresh output ms | faulted-in output ms | difference ms | share |
     |----------------------------------------|-----------------|----------------------|---------------|-------|
-    | fill a [T·k, H] tensor (machine floor) | 25.5            | 4.6                  | 20.9          | 82%   |
-    | dispatch fwd: moe_permute              | 36.1            | 12.2                 | 23.9          | 66%   |
-    |   eager: x.index_select                | 36.5            | 10.2                 | 26.3          | 72%   |
-    | combine fwd: moe_unpermute             | 7.5             | 6.9                  | 0.6           | 8%    |
-    | combine bwd: moe_unpermute_backward    | 37.9            | 11.6                 | 26.3          | 69%   |
-    | dispatch bwd: moe_unpermute (no gates) | 7.1             | 6.7                  | 0.5           | 7%    |
+    | fill a [T·k, H] tensor (machine floor) | 35.5            | 4.5                  | 31.0          | 87%   |
+    | dispatch fwd: moe_permute              | 45.1            | 11.4                 | 33.7          | 75%   |
+    |   eager: x.index_select                | 41.2            | 10.5                 | 30.8          | 75%   |
+    | combine fwd: moe_unpermute             | 13.1            | 8.4                  | 4.7           | 36%   |
+    | combine bwd: moe_unpermute_backward    | 49.5            | 10.7                 | 38.8          | 78%   |
+    | dispatch bwd: moe_unpermute (no gates) | 8.1             | 7.9                  | 0.1           | 2%    |
 
-The four routing kernels take 37 ms per step into faulted-in buffers and 89 ms as called; the two fresh [T·k, H]
-outputs account for the difference. The eager routing allocates about five such tensors per step.
+The four routing kernels take 38 ms per step into faulted-in buffers and 116 ms as called (an earlier run: 37 and
+104 ms); the two fresh [T·k, H] outputs account for most of the difference. The eager routing allocates about
+five such tensors per step.
 """
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 
 import torch
 
-from benchmarks.harness import format_table, machine_line
-
-
-def _median_ms(fn, repeat: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-        del out  # a fresh output goes back to the allocator before the next call, as in a training step
-    return statistics.median(times) * 1e3
+from benchmarks.harness import format_table, machine_line, median_time
 
 
 def main(argv=None):
@@ -97,7 +86,8 @@ def main(argv=None):
     ]
     rows = []
     for name, fresh, reused in cases:
-        t_fresh, t_reused = _median_ms(fresh, args.repeat), _median_ms(reused, args.repeat)
+        # A fresh output is released inside the timed call, as in a training step, so its unmapping counts too.
+        t_fresh, t_reused = (median_time(f, warmup=1, repeat=args.repeat) * 1e3 for f in (fresh, reused))
         rows.append([name, f"{t_fresh:.1f}", f"{t_reused:.1f}", f"{t_fresh - t_reused:.1f}",
                      f"{(t_fresh - t_reused) / t_fresh:.0%}"])
     mib = n_tok * k * hid * x.element_size() / 2**20
