@@ -3,7 +3,9 @@
 Environment switches (read at build time):
   UNIF2ACE_CUDA=1|0       force the CUDA kernels on (fail without nvcc) or off; unset: on when nvcc is found
   UNIF2ACE_CUDA_ARCHS     CMAKE_CUDA_ARCHITECTURES, default "80-real;90" (sm_80 and sm_90 SASS + sm_90 PTX)
-  UNIF2ACE_CPU_ARCH       -march for the CPU kernels, default "native"; "" leaves it to the compiler
+  UNIF2ACE_CPU_ARCH       CPU kernels: "portable" (default: baseline x86-64, AVX2 and AVX-512 copies chosen at run
+                          time, so the build runs on any x86-64 CPU), or one copy for a -march value ("native" for
+                          this machine only), or "" (one copy with the compiler's default flags)
   UNIF2ACE_SANITIZE=1     AddressSanitizer + UndefinedBehaviorSanitizer for the C++ core
   UNIF2ACE_BUILD_TYPE     CMake build type, default Release
   UNIF2ACE_JOBS           parallel compile jobs
@@ -59,7 +61,10 @@ class CMakeBuild(build_ext):
         nvcc = cuda_setting()
         build_type = os.environ.get("UNIF2ACE_BUILD_TYPE", "Release")
         sanitize = os.environ.get("UNIF2ACE_SANITIZE", "0") == "1"
+        cpu_arch = os.environ.get("UNIF2ACE_CPU_ARCH", "portable")
         flavour = f"{build_type.lower()}-{'cuda' if nvcc else 'cpu'}{'-san' if sanitize else ''}"
+        if cpu_arch != "portable":
+            flavour += f"-march-{cpu_arch or 'default'}"
         build_dir = ROOT / "build" / f"py{sys.version_info[0]}{sys.version_info[1]}-{flavour}"
         build_dir.mkdir(parents=True, exist_ok=True)
 
@@ -82,7 +87,7 @@ class CMakeBuild(build_ext):
             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
-            f"-DUNIF2ACE_CPU_ARCH={os.environ.get('UNIF2ACE_CPU_ARCH', 'native')}",
+            f"-DUNIF2ACE_CPU_ARCH={cpu_arch}",
             f"-DUNIF2ACE_SANITIZE={'ON' if sanitize else 'OFF'}",
             "-DUNIF2ACE_PYTHON=ON",
         ]

@@ -20,6 +20,16 @@ PYBIND11_MODULE(_C, m) {
         return count;
       },
       "Number of CUDA devices the core can use; raises RuntimeError saying why when it can use none.");
+  m.def(
+      "cpu_isa",
+      [] {
+        const char* name = "";
+        unif2ace::bind::raise_if_error(unif2ace::cpu_isa(&name));
+        return std::string(name);
+      },
+      "Instruction-set level of the CPU kernels in this process (baseline, avx2, avx512, or the -march of a fixed "
+      "build); raises ValueError for an unknown UNIF2ACE_CPU_ISA.");
+  m.attr("version") = unif2ace::library_version();
   unif2ace::bind::bind_loss(m);
   unif2ace::bind::bind_moe(m);
   unif2ace::bind::bind_sampling(m);

@@ -18,6 +18,13 @@ except ImportError as exc:  # pragma: no cover - exercised only on a broken inst
 WITH_CUDA: bool = bool(_C.with_cuda)
 
 
+def cpu_isa() -> str:
+    """The instruction-set level the CPU kernels run at in this process: "baseline", "avx2" or "avx512" in a
+    portable build (the best this CPU has, capped by the environment variable UNIF2ACE_CPU_ISA), or the -march of a
+    build made with UNIF2ACE_CPU_ARCH (e.g. "native")."""
+    return _C.cpu_isa()
+
+
 def dl(t: torch.Tensor):
     """A DLPack capsule of `t` (detached: the core never records autograd history)."""
     return to_dlpack(t.detach())

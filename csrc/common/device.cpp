@@ -2,6 +2,8 @@
 
 namespace unif2ace {
 
+const char* library_version() { return UNIF2ACE_VERSION_STRING; }
+
 #ifndef UNIF2ACE_WITH_CUDA
 bool built_with_cuda() { return false; }
 

@@ -9,7 +9,7 @@
 #include "unif2ace/loss.h"
 
 namespace unif2ace {
-namespace loss {
+namespace loss::U2A_CPU_NS {  // one copy per CPU instruction-set level (docs/cpp.md)
 namespace {
 
 Status check_targets(const int64_t* target, int64_t n_rows, int64_t n_cols, int64_t ignore_index) {
@@ -106,5 +106,5 @@ Status softmax_onehot_grad_cpu(const void* logits, void* grad, DType dtype, int6
   return Status::Ok();
 }
 
-}  // namespace loss
+}  // namespace loss::U2A_CPU_NS
 }  // namespace unif2ace

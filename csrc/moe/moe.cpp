@@ -12,7 +12,7 @@
 #include "unif2ace/moe.h"
 
 namespace unif2ace {
-namespace moe {
+namespace moe::U2A_CPU_NS {  // one copy per CPU instruction-set level (docs/cpp.md)
 namespace {
 
 constexpr int64_t kGateChunk = 256;   // tokens per statistics partial
@@ -446,5 +446,5 @@ Status gelu_tanh_backward_rows_cpu(const void* pre, const void* d_hid, DType dty
   return Status::Ok();
 }
 
-}  // namespace moe
+}  // namespace moe::U2A_CPU_NS
 }  // namespace unif2ace

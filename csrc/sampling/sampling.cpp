@@ -21,7 +21,7 @@
 #include "unif2ace/sampling.h"
 
 namespace unif2ace {
-namespace sampling {
+namespace sampling::U2A_CPU_NS {  // one copy per CPU instruction-set level (docs/cpp.md)
 namespace {
 
 using detail::mass_of;
@@ -318,5 +318,5 @@ Status philox_noise_cpu(uint64_t seed, uint64_t offset, int64_t n, NoiseKind kin
   return Status::Ok();
 }
 
-}  // namespace sampling
+}  // namespace sampling::U2A_CPU_NS
 }  // namespace unif2ace

@@ -1,0 +1,45 @@
+# Which copies of the CPU kernels to build, from UNIF2ACE_CPU_ARCH.
+#   out_levels    list of "<level>:<-march value>" (the value may be empty: the compiler's default)
+#   out_dispatch  TRUE when there are several levels, chosen at run time by csrc/common/cpu_dispatch.cpp
+# Also sets UNIF2ACE_BASE_ARCH_FLAGS in the caller: the flags of everything that is not a kernel copy.
+function(unif2ace_cpu_levels out_levels out_dispatch)
+  set(arch "${UNIF2ACE_CPU_ARCH}")
+  set(dispatch FALSE)
+  set(base_flags "")
+  if(arch STREQUAL "portable")
+    set(x86 FALSE)
+    if(CMAKE_SYSTEM_PROCESSOR MATCHES "^(x86_64|AMD64|amd64)$")
+      set(x86 TRUE)
+    endif()
+    # x86-64-v3/v4 are known to GCC >= 11 and Clang >= 12; the private copies need GNU ld (-r) and objcopy.
+    set(new_enough FALSE)
+    if((CMAKE_CXX_COMPILER_ID STREQUAL "GNU" AND CMAKE_CXX_COMPILER_VERSION VERSION_GREATER_EQUAL 11) OR
+       (CMAKE_CXX_COMPILER_ID MATCHES "Clang" AND CMAKE_CXX_COMPILER_VERSION VERSION_GREATER_EQUAL 12))
+      set(new_enough TRUE)
+    endif()
+    if(x86 AND new_enough AND CMAKE_SYSTEM_NAME STREQUAL "Linux" AND CMAKE_LINKER AND CMAKE_OBJCOPY)
+      set(levels "baseline:x86-64" "avx2:x86-64-v3" "avx512:x86-64-v4")
+      set(dispatch TRUE)
+      set(base_flags -march=x86-64 -mtune=generic)
+    else()
+      if(x86)
+        message(WARNING "unif2ace: run-time CPU dispatch needs Linux, GCC >= 11 or Clang >= 12, ld and objcopy; "
+                        "building the baseline x86-64 kernels only")
+        set(levels "baseline:x86-64")
+        set(base_flags -march=x86-64 -mtune=generic)
+      else()
+        # Other architectures (aarch64: NEON is part of the baseline): one copy for the target's default.
+        set(levels "baseline:")
+      endif()
+    endif()
+  else()
+    # One copy for the named -march (e.g. native), or with the compiler's defaults when empty.
+    set(levels "fixed:${arch}")
+    if(arch)
+      set(base_flags -march=${arch})
+    endif()
+  endif()
+  set(${out_levels} "${levels}" PARENT_SCOPE)
+  set(${out_dispatch} ${dispatch} PARENT_SCOPE)
+  set(UNIF2ACE_BASE_ARCH_FLAGS "${base_flags}" PARENT_SCOPE)
+endfunction()
