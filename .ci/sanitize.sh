@@ -19,8 +19,12 @@ cmake -S . -B "$build" "${gen[@]}" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DUNIF2ACE_
   -Dpybind11_DIR="$(python -m pybind11 --cmakedir)" -DCMAKE_LIBRARY_OUTPUT_DIRECTORY="$out/sanitized" >/dev/null
 cmake --build "$build" -j "$(nproc)" >/dev/null
 
-# The embedding example runs as a plain instrumented program.
-"$build/d3diff_example"
+# The example programs (C++ and C) run as plain instrumented programs, at every CPU level of the portable build.
+for level in baseline avx2 avx512; do
+  for example in d3diff_example moe_routing_example maskgit_example c_api_example; do
+    UNIF2ACE_CPU_ISA=$level "$build/$example" >/dev/null
+  done
+done
 
 cp "$out"/sanitized/_C*.so "$module"
 export LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)"
