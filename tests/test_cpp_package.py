@@ -477,3 +477,126 @@ def test_op_tests_pass_with_lower_cpu_levels(level, best_level):
     assert probe.stdout.strip() == level
     run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", "not opcheck and not compile",
          *OP_TESTS], env=env, cwd=ROOT)
+
+
+# ---- The C ABI's CUDA functions (on a GPU machine) ----------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def cuda_lib(tmp_path_factory):
+    """libunif2ace.so with the CUDA kernels for this GPU, through the same ctypes signatures plus the CUDA ones."""
+    nvcc = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if os.path.exists("/usr/local/cuda/bin/nvcc") else None)
+    if nvcc is None:
+        pytest.skip("needs nvcc")
+    build = tmp_path_factory.mktemp("unif2ace_cuda") / "build"
+    run(["cmake", "-S", ROOT, "-B", build, *generator(), "-DCMAKE_BUILD_TYPE=Release", "-DUNIF2ACE_PYTHON=OFF",
+         "-DUNIF2ACE_CUDA=ON", f"-DCMAKE_CUDA_COMPILER={nvcc}", "-DCMAKE_CUDA_ARCHITECTURES=native",
+         "-DUNIF2ACE_SHARED=ON", "-DUNIF2ACE_EXAMPLES=OFF"])
+    run(["cmake", "--build", build, "--target", "unif2ace_shared", "-j", str(os.cpu_count() or 2)])
+    lib = ctypes.CDLL(str(build / "libunif2ace.so"))
+    vp, i64, i32, i = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_int
+    sigs = {
+        "unif2ace_row_lse_target": [vp, i32, i64, i64, vp, i64, vp, vp],
+        "unif2ace_softmax_onehot_grad": [vp, vp, i32, i64, i64, vp, vp, i64, vp, vp],
+        "unif2ace_moe_sort_slots": [vp, i64, i64, vp, vp],
+        "unif2ace_moe_invert_permutation": [vp, i64, vp],
+        "unif2ace_moe_permute_rows": [vp, i32, i64, i64, i64, vp, i64, vp],
+        "unif2ace_moe_unpermute_sum": [vp, i32, i64, i64, i64, vp, vp, vp],
+        "unif2ace_maskgit_step": [vp, vp, i32, vp, ctypes.POINTER(MaskGitParams), vp, vp, vp],
+        "unif2ace_philox_noise": [ctypes.c_uint64, ctypes.c_uint64, i64, i32, vp],
+    }
+    for name, args in sigs.items():
+        getattr(lib, name + "_cpu").argtypes = args
+        getattr(lib, name + "_cuda").argtypes = args + [i, vp]
+    lib.unif2ace_moe_gate_forward_cuda.argtypes = [vp, i32, i64, i64, i64, i64, vp, vp, i32, vp, vp, vp, vp, vp, vp,
+                                                   vp, vp, i, vp]
+    lib.unif2ace_moe_gate_forward_cpu.argtypes = [vp, i32, i64, i64, i64, i64, vp, vp, i32, vp, vp, vp, vp, vp]
+    lib.unif2ace_moe_sort_block_slots.restype = i64
+    lib.unif2ace_moe_gate_block_tokens.restype = i64
+    lib.unif2ace_last_error.restype = ctypes.c_char_p
+    return lib
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(os.environ.get("UNIF2ACE_SMALL") == "1", reason="compiles the library: not under memcheck")
+def test_c_abi_cuda_functions_match_cpu(cuda_lib):
+    """Each family's CUDA functions through the C ABI, on the current stream, against the same library's CPU ones."""
+    lib, dev = cuda_lib, torch.device("cuda")
+    stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
+
+    def both(name, make_args):
+        """Runs name_cpu on CPU tensors and name_cuda on their CUDA copies; returns the two argument lists."""
+        cpu_args = make_args("cpu")
+        cuda_args = [a.to(dev) if isinstance(a, torch.Tensor) else a for a in cpu_args]
+        conv = lambda a: ptr(a) if isinstance(a, torch.Tensor) else a  # noqa: E731
+        assert getattr(lib, name + "_cpu")(*map(conv, cpu_args)) == 0, lib.unif2ace_last_error()
+        assert getattr(lib, name + "_cuda")(*map(conv, cuda_args), 0, stream) == 0, lib.unif2ace_last_error()
+        torch.cuda.synchronize()
+        return cpu_args, [a.cpu() if isinstance(a, torch.Tensor) else a for a in cuda_args]
+
+    g = torch.Generator().manual_seed(4)
+    n, k = 37, 5000
+    logits, target = torch.randn(n, k, generator=g) * 3, torch.randint(0, k, (n,), generator=g)
+    target[5] = -100
+    a, b = both("unif2ace_row_lse_target", lambda d: [logits, 0, n, k, target, -100, torch.empty(n), torch.empty(n)])
+    torch.testing.assert_close(a[6], b[6], rtol=1e-5, atol=1e-5)
+    assert torch.equal(a[7], b[7])
+    lse, cs, co = a[6], torch.rand(n, generator=g), torch.rand(n, generator=g)
+    a, b = both("unif2ace_softmax_onehot_grad",
+                lambda d: [logits, torch.empty(n, k), 0, n, k, lse, target, -100, cs, co])
+    torch.testing.assert_close(a[1], b[1], rtol=1e-5, atol=1e-6)
+
+    t, groups, experts, top_k, hidden = 300, 2, 8, 4, 48
+    ne = groups * experts
+    router, gid = torch.randn(t, ne, generator=g), torch.randint(0, groups, (t,), generator=g)
+    outs = {}
+    for d in ("cpu", "cuda"):
+        gates, ids = torch.empty(t, top_k, device=d), torch.empty(t, top_k, dtype=torch.int64, device=d)
+        counts, gcounts = torch.empty(ne, dtype=torch.int64, device=d), torch.empty(groups, dtype=torch.int64, device=d)
+        pmean = torch.empty(ne, device=d)
+        args = [ptr(router.to(d)), 0, t, groups, experts, top_k, ptr(gid.to(d)), None, 1, ptr(gates), ptr(ids),
+                ptr(counts), ptr(gcounts), ptr(pmean)]
+        if d == "cuda":
+            nb = -(-t // lib.unif2ace_moe_gate_block_tokens())
+            ws = [torch.empty(nb, ne, device=d), torch.empty(nb, ne, dtype=torch.int64, device=d),
+                  torch.empty(nb, groups, dtype=torch.int64, device=d)]
+            assert lib.unif2ace_moe_gate_forward_cuda(*args, *map(ptr, ws), 0, stream) == 0, lib.unif2ace_last_error()
+            torch.cuda.synchronize()
+        else:
+            assert lib.unif2ace_moe_gate_forward_cpu(*args) == 0
+        outs[d] = [x.cpu() for x in (gates, ids, counts, gcounts, pmean)]
+    for x, y in zip(outs["cpu"], outs["cuda"]):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+    ids = outs["cpu"][1]
+    offsets, order = torch.empty(ne + 1, dtype=torch.int64), torch.empty(t * top_k, dtype=torch.int64)
+    assert lib.unif2ace_moe_sort_slots_cpu(ptr(ids), t * top_k, ne, ptr(offsets), ptr(order)) == 0
+    ids_d, off_d, order_d = ids.to(dev), torch.empty_like(offsets, device=dev), torch.empty_like(order, device=dev)
+    nb = -(-t * top_k // lib.unif2ace_moe_sort_block_slots())
+    ws = torch.empty(nb, ne + 1, dtype=torch.int64, device=dev)
+    assert lib.unif2ace_moe_sort_slots_cuda(ptr(ids_d), t * top_k, ne, ptr(off_d), ptr(order_d), ptr(ws), 0,
+                                            stream) == 0
+    torch.cuda.synchronize()
+    assert torch.equal(off_d.cpu(), offsets) and torch.equal(order_d.cpu(), order)
+    a, b = both("unif2ace_moe_invert_permutation", lambda d: [order, t * top_k, torch.empty_like(order)])
+    assert torch.equal(a[2], b[2])
+    x = torch.randn(t, hidden, generator=g)
+    a, b = both("unif2ace_moe_permute_rows",
+                lambda d: [x, 0, t, hidden, top_k, order, t * top_k, torch.empty(t * top_k, hidden)])
+    assert torch.equal(a[7], b[7])
+    rows, gates, slot_pos = a[7], outs["cpu"][0], torch.empty_like(order)
+    assert lib.unif2ace_moe_invert_permutation_cpu(ptr(order), t * top_k, ptr(slot_pos)) == 0
+    a, b = both("unif2ace_moe_unpermute_sum",
+                lambda d: [rows, 0, t, hidden, top_k, slot_pos, gates, torch.empty(t, hidden)])
+    torch.testing.assert_close(a[7], b[7], rtol=1e-5, atol=1e-6)
+
+    bsz, seq, vocab = 2, 40, 300
+    cond = torch.randn(bsz, seq, vocab, generator=g) * 2
+    tokens = torch.full((bsz, seq), vocab, dtype=torch.int64)
+    tokens[0, ::3] = 7
+    params = MaskGitParams(batch=bsz, seq_len=seq, vocab=vocab, mask_id=vocab, n_base=12, seed=5, offset=1,
+                           guidance_scale=0.0, inv_temperature=1.0, noise_scale=2.0, last_step=0)
+    a, b = both("unif2ace_maskgit_step", lambda d: [cond, None, 0, tokens, ctypes.byref(params),
+                                                    torch.empty_like(tokens), torch.empty_like(tokens),
+                                                    torch.empty(bsz, seq)])
+    assert torch.equal(a[5], b[5]) and torch.equal(a[6], b[6]) and torch.equal(a[7], b[7])
+    a, b = both("unif2ace_philox_noise", lambda d: [11, 3, 1000, 1, torch.empty(1000)])
+    assert torch.equal(a[4], b[4])
