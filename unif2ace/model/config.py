@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 MODEL_TYPE = "unif2ace"
 BACKENDS = ("kernels", "reference")

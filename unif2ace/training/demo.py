@@ -175,7 +175,7 @@ class Stages:
 
 def run_demo(cfg: DemoConfig, docs_dir: str = "") -> dict:
     from unif2ace.data import write_synthetic_dataset
-    from unif2ace.evaluation import evaluate, markdown_table
+    from unif2ace.evaluation import evaluate
     from unif2ace.pipeline import FacePipeline, image_grid, save_generation_config, tensor_to_pil
     from unif2ace.training.data import question_prompt, short_caption
     from unif2ace.training.trainer import train
