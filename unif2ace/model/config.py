@@ -1,6 +1,6 @@
 """UniF2aceConfig: every hyper-parameter of the model in one JSON-serialisable dataclass.
 
-Vocabulary layout (Show-o's, DESIGN §1 and showo.md §1.2), for a config with text vocabulary T, S special
+Vocabulary layout (Show-o's, DESIGN §1 and docs/model.md), for a config with text vocabulary T, S special
 tokens and codebook size K:
 
     [0, T)              text tokens (the tokenizer's own ids; <|sot|> and <|eot|> live here)

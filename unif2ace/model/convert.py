@@ -5,9 +5,9 @@
     python -m unif2ace.model.convert SHOWO_DIR OUT_DIR [--max-shard-size 5GB]
 
 Input: a local Show-o directory with config.json and pytorch_model.safetensors (keys `showo.model.*`,
-`showo.lm_head.*`; showo.md §7). The Phi hyper-parameters are not in Show-o's config.json; they are read off the
-tensor shapes (layers, hidden size, head size from the QK-LayerNorm, FFN width) with Phi's partial rotary factor
-0.5 unless config.json says otherwise.
+`showo.lm_head.*`, as in huggingface.co/showlab/show-o). The Phi hyper-parameters are not in Show-o's
+config.json; they are read off the tensor shapes (layers, hidden size, head size from the QK-LayerNorm, FFN width)
+with Phi's partial rotary factor 0.5 unless config.json says otherwise.
 
 What is copied (bit-exactly): token embedding, every LayerNorm (input, QK, final), q/k/v/dense projections, and the
 output head (lm_head). What is initialised from the dense MLP fc2(gelu(fc1(h))):
