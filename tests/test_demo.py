@@ -91,7 +91,7 @@ def test_stage_cache_follows_the_settings(tmp_path, capsys):
     assert calls == list(STAGES)
     text = capsys.readouterr().out
     assert "[data] settings differ from the cached run (num_images 240 → 2500" in text
-    assert "[train] settings differ from the cached run (model_overrides" in text
+    assert "[train] settings differ from the cached run (model_overrides changed; steps 30 → 3000" in text
     with open(os.path.join(out, "data")) as f:
         assert f.read() == "data written with 2500 images\n"   # rebuilt from nothing, not appended to
     records = json.load(open(os.path.join(out, "stages.json")))

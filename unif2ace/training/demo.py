@@ -139,7 +139,8 @@ class Stages:
 
     def _changes(self, name: str, old: dict) -> str:
         before, now = old.get("settings", {}), self.settings[name]
-        diff = [f"{k} {before.get(k)!r} → {now[k]!r}" for k in now if before.get(k) != now[k]]
+        diff = [f"{k} {before.get(k)!r} → {now[k]!r}" if len(repr(before.get(k))) + len(repr(now[k])) < 40
+                else f"{k} changed" for k in now if before.get(k) != now[k]]
         return "; ".join(diff[:4]) if diff else "an input stage changed"
 
     def run(self, name: str, fn) -> None:
