@@ -1,5 +1,6 @@
 """The unif2ace command on a tiny model: train, generate, ask, caption, eval; help texts; and every user error is one
 line on stderr with a non-zero exit status (the traceback only with --debug)."""
+import dataclasses
 import json
 import os
 
@@ -187,7 +188,9 @@ def command_parsers():
 
 
 def test_every_option_has_help_and_shows_its_default():
-    assert set(TRAIN_HELP) == {f.name for f in __import__("dataclasses").fields(TrainConfig)}
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    assert not fields - set(TRAIN_HELP), f"TrainConfig fields without help in cli.TRAIN_HELP: {fields - set(TRAIN_HELP)}"
+    assert not set(TRAIN_HELP) - fields, f"help for fields TrainConfig does not have: {set(TRAIN_HELP) - fields}"
     for name, sub in command_parsers().items():
         for action in sub._actions:
             if action.option_strings and action.help != "==SUPPRESS==" and action.dest != "help":
