@@ -523,6 +523,7 @@ def cuda_lib(tmp_path_factory):
     lib.unif2ace_moe_gate_forward_cuda.argtypes = [vp, i32, i64, i64, i64, i64, vp, vp, i32, vp, vp, vp, vp, vp, vp,
                                                    vp, vp, i, vp]
     lib.unif2ace_moe_gate_forward_cpu.argtypes = [vp, i32, i64, i64, i64, i64, vp, vp, i32, vp, vp, vp, vp, vp]
+    lib.unif2ace_moe_sort_slots_cuda.argtypes = [vp, i64, i64, vp, vp, vp, i, vp]  # + the block_counts workspace
     lib.unif2ace_moe_sort_block_slots.restype = i64
     lib.unif2ace_moe_gate_block_tokens.restype = i64
     lib.unif2ace_last_error.restype = ctypes.c_char_p

@@ -17,7 +17,6 @@
 #ifndef UNIF2ACE_C_API_H_
 #define UNIF2ACE_C_API_H_
 
-#include <stddef.h>
 #include <stdint.h>
 
 #include "unif2ace/version.h"
