@@ -1,5 +1,6 @@
 """The D3Diff loss and its fused linear form against the fp64 plain-PyTorch reference."""
 import math
+import os
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from unif2ace.ops import d3diff_loss, linear_d3diff_loss
 from unif2ace.ops import reference as ref
 
 SCORES = ["normalized", "sedd"]
+SMALL = bool(os.environ.get("UNIF2ACE_SMALL"))  # small CUDA cases only (the compute-sanitizer pass)
 REDUCTIONS = ["mean", "sum", "none"]
 
 
@@ -529,8 +531,8 @@ def _run_fused(device, hidden, weight, bias, target, gamma, reduction="mean", **
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("strategy", ["rows", "vocab"])
 @pytest.mark.parametrize("shape, ignore_frac", [((512, 64, 1000), 0.35), ((1, 32, 1001), 0.0),
-                                                ((300, 40, 8193), 0.35), ((77, 16, 58498), 0.5),
-                                                ((64, 32, 997), 1.0)])
+                                                ((64, 32, 997), 1.0)]
+                         + ([] if SMALL else [((300, 40, 8193), 0.35), ((77, 16, 58498), 0.5)]))
 def test_cuda_fused_matches_cpu_and_fp64(dtype, strategy, shape, ignore_frac):
     """K not a multiple of 8, N = 1, all rows ignored, both strategies, several chunks of each kind, all reductions
     and a bias: CUDA against the CPU kernels in the same dtype, and both against fp64 truth (within twice the error

@@ -1,5 +1,6 @@
 """The per-row primitives under the D3Diff loss, each tested alone against plain torch."""
 import math
+import os
 
 import pytest
 import torch
@@ -373,7 +374,8 @@ def test_primitives_validate_ignore_index(call):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shape", [(1, 1), (5, 33), (64, 1000), (3, 8193), (9, 58498)])
+@pytest.mark.parametrize("shape", [(1, 1), (5, 33), (64, 1000)]
+                         + ([] if os.environ.get("UNIF2ACE_SMALL") else [(3, 8193), (9, 58498)]))
 @pytest.mark.parametrize("ld_extra", [0, 3, 64])
 def test_cuda_d3diff_rows_match_cpu(shape, dtype, ld_extra):
     """Aligned (padded), misaligned (odd ld) and unpadded rows, whole rows and column slices, in and out of place."""
