@@ -149,6 +149,23 @@ def test_fused_equals_unfused_fp64(reduction, score, with_bias, strategy, chunk_
 
 
 @pytest.mark.parametrize("strategy", ["rows", "vocab"])
+def test_fused_unpadded_logits_buffers(strategy, monkeypatch):
+    """LOGITS_ALIGN = 1 (contiguous [rows, K] chunks, the fallback) gives the same results as padded chunks."""
+    import unif2ace.ops.loss as loss_mod
+
+    n, h, k = 20, 8, 45
+    hidden = torch.randn(n, h, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(k, h, dtype=torch.float64, requires_grad=True)
+    _, target, gamma = make_batch(n, k)
+    results = []
+    for align in (64, 1):
+        monkeypatch.setattr(loss_mod, "LOGITS_ALIGN", align)
+        out = linear_d3diff_loss(hidden, weight, target, gamma, strategy=strategy, chunk_size=6, vocab_chunk_size=7)
+        results.append([out, *torch.autograd.grad(out, (hidden, weight))])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+@pytest.mark.parametrize("strategy", ["rows", "vocab"])
 @pytest.mark.parametrize("needs", ["hidden", "weight", "bias"])
 def test_fused_partial_gradients(strategy, needs):
     """Only some inputs need a gradient: the others get none, and the requested one is right."""

@@ -279,11 +279,14 @@ def _(logits, target, row_weight, row_max, log_sum, row_scale, alpha, sedd, igno
 def _d3diff_rows_setup(ctx, inputs, output):
     logits, target, row_weight, alpha, sedd, ignore_index = inputs
     ctx.mark_non_differentiable(output[1], output[2])
+    ctx.set_materialize_grads(False)  # no zero gradients for the statistics
     ctx.save_for_backward(logits, target, row_weight, output[1], output[2])
     ctx.opts = (alpha, sedd, ignore_index)
 
 
 def _d3diff_rows_backward(ctx, grad_loss, _grad_max, _grad_log_sum):
+    if grad_loss is None:
+        return None, None, None, None, None, None
     logits, target, row_weight, row_max, log_sum = ctx.saved_tensors
     alpha, sedd, ignore_index = ctx.opts
     grad = torch.ops.unif2ace.d3diff_rows_grad(logits, target, row_weight, row_max, log_sum,
@@ -342,9 +345,12 @@ def d3diff_loss(
 # The fused linear form
 # ----------------------------------------------------------------------------------------------------------
 STRATEGIES = ("rows", "vocab")
-# Logits buffers have rows padded to a multiple of 64 columns: every row then starts 16-byte aligned, which cuBLAS
-# needs for its Hopper kernels (a vocabulary of 58,498 columns otherwise runs at a third of the speed).
-_ALIGN = 64
+# Logits buffers have rows padded to a multiple of LOGITS_ALIGN columns: every row then starts 16-byte aligned, which
+# cuBLAS needs for its Hopper kernels (a vocabulary of 58,498 columns otherwise runs at a third of the speed). The
+# products write through a column view of the buffer (torch passes its row stride to the BLAS, no copy). Set it to 1
+# for contiguous [rows, K] buffers, should a BLAS ever copy such a view.
+LOGITS_ALIGN = 64
+_VOCAB_TILE = 64  # default vocabulary chunks are multiples of it
 # Workspace of one chunk: max(48 MiB, the size of hidden).
 _WORKSPACE_BYTES = 48 << 20
 # Row chunks are whole matrix-product tiles.
@@ -368,7 +374,7 @@ def _workspace_bytes(n_rows: int, hidden_size: int, element_size: int) -> int:
 def default_chunk_size(n_rows: int, n_classes: int, hidden_size: int, element_size: int = 4) -> int:
     """Rows per chunk of the row pass: multiples of 128 rows (whole matrix-product tiles), as few chunks as keep a
     padded [rows, K] logits chunk within max(48 MiB, the size of hidden), split evenly over the rows."""
-    row_bytes = _round_up(max(1, n_classes), _ALIGN) * element_size
+    row_bytes = _round_up(max(1, n_classes), LOGITS_ALIGN) * element_size
     limit = max(_ROW_TILE, _workspace_bytes(n_rows, hidden_size, element_size) // row_bytes // _ROW_TILE * _ROW_TILE)
     return _even_split(n_rows, limit, _ROW_TILE)
 
@@ -377,8 +383,8 @@ def default_vocab_chunk_size(n_rows: int, n_classes: int, hidden_size: int, elem
     """Columns per chunk of the vocabulary pass: multiples of 64, as few chunks as keep an [N, columns] logits chunk
     within max(48 MiB, the size of hidden), split evenly over the vocabulary."""
     limit = _workspace_bytes(n_rows, hidden_size, element_size) // max(1, n_rows * element_size)
-    limit = max(_ALIGN, limit // _ALIGN * _ALIGN)
-    return _even_split(n_classes, limit, _ALIGN)
+    limit = max(_VOCAB_TILE, limit // _VOCAB_TILE * _VOCAB_TILE)
+    return _even_split(n_classes, limit, _VOCAB_TILE)
 
 
 def default_strategy(device: torch.device, dtype: torch.dtype) -> str:
@@ -420,7 +426,7 @@ def _row_pass(hidden, weight, bias, target, row_weight, opts, chunk, *, stats=No
     if write_grad and grad_weight:
         gw = torch.zeros(weight.shape, dtype=acc, device=weight.device)
         gb = torch.zeros(k, dtype=acc, device=weight.device) if bias is not None else None
-    ld = _round_up(k, _ALIGN)
+    ld = _round_up(k, LOGITS_ALIGN)
     buf = hidden.new_empty(min(chunk, n) * ld)
     stream = stream_of(hidden)
     for r0 in range(0, n, chunk):
@@ -464,7 +470,7 @@ def _vocab_pass(hidden, weight, bias, target, row_weight, opts, vocab_chunk, sta
     acc = _acc_dtype(hidden)
     gw = torch.empty_like(weight)
     gb = torch.empty(k, dtype=acc, device=weight.device) if bias is not None else None
-    ld = _round_up(min(vocab_chunk, k), _ALIGN)
+    ld = _round_up(min(vocab_chunk, k), LOGITS_ALIGN)
     z = hidden.new_empty(n * ld).view(n, ld)
     stream = stream_of(hidden)
     captured = [dl(t) for t in (target, row_weight, row_max, log_sum, row_scale)]
@@ -632,38 +638,53 @@ def _(row_scale, hidden, weight, bias, target, row_weight, row_max, log_sum, alp
     return gh, gw, gb
 
 
+def _is_eager(*tensors: Tensor) -> bool:
+    """Real tensors outside any tracing (not fake, functional or traced by torch.compile)."""
+    if torch.compiler.is_compiling():
+        return False
+    return all(type(t) is torch.Tensor and not torch._is_functional_tensor(t) for t in tensors)
+
+
 def _linear_setup(ctx, inputs, output):
     (hidden, weight, bias, target, row_weight, alpha, sedd, ignore_index, reduction, strategy, chunk, vocab_chunk,
      grad_hidden, grad_weight) = inputs
     loss, row_max, log_sum, gh, gw, gb = output
     ctx.mark_non_differentiable(row_max, log_sum, gh, gw, gb)
-    ctx.save_for_backward(hidden, weight, bias, target, row_weight, row_max, log_sum)
+    ctx.set_materialize_grads(False)  # no zero "gradients" of the size of the statistics and gradients
     ctx.opts = (alpha, sedd, ignore_index, reduction, strategy, chunk, vocab_chunk, grad_hidden, grad_weight)
     ctx.has_bias = bias is not None
-    # Gradients formed in the forward, handed to the first backward (see _linear_backward).
-    ctx.grads = (gh, gw, gb) if reduction != "none" and (grad_hidden or grad_weight) else None
+    saved = (hidden, weight, bias, target, row_weight, row_max, log_sum)
+    ctx.grads = None
+    if reduction != "none" and (grad_hidden or grad_weight):
+        if _is_eager(gh, gw, gb):
+            # Handed to the first backward, which scales them in place (see _linear_backward).
+            ctx.grads = (gh, gw, gb)
+        else:  # a traced graph must see them as saved activations
+            saved += (gh, gw, gb)
+            ctx.grads = "saved"
+    ctx.save_for_backward(*saved)
 
 
 def _linear_backward(ctx, grad_loss, *_unused):
-    hidden, weight, bias, target, row_weight, row_max, log_sum = ctx.saved_tensors
+    if grad_loss is None:
+        return (None,) * 14
+    hidden, weight, bias, target, row_weight, row_max, log_sum, *saved_grads = ctx.saved_tensors
     alpha, sedd, ignore_index, reduction, strategy, chunk, vocab_chunk, grad_hidden, grad_weight = ctx.opts
     acc = row_weight.dtype
-    grads, ctx.grads = ctx.grads, None
-    if grads is not None:
-        # The first backward scales the forward's gradients by the incoming (0-dim) gradient and returns them. In
-        # eager mode that happens in place: nothing else holds them, so autograd adopts them as .grad without a
-        # copy and the backward allocates nothing. (A traced graph scales out of place.)
-        g = grad_loss.to(acc)
-        if torch.compiler.is_compiling():
-            gh, gw, gb = (x * g if x.numel() else x for x in grads)
-        else:
-            gh, gw, gb = (x.mul_(g) for x in grads)
+    g = grad_loss.to(acc)
+    if ctx.grads == "saved":
+        gh, gw, gb = (x * g if x.numel() else x for x in saved_grads)
+    elif ctx.grads is not None:
+        # The first backward scales the forward's gradients by the incoming (0-dim) gradient, in place, and returns
+        # them: nothing else holds them, so autograd adopts them as .grad without a copy and the backward allocates
+        # nothing.
+        gh, gw, gb = (x.mul_(g) for x in ctx.grads)
+        ctx.grads = None
     else:
         # reduction="none", or a second backward through a retained graph: form the gradients from the statistics.
-        valid = target != ignore_index
-        row_scale = grad_loss.to(acc)
+        row_scale = g
         if reduction != "none":
-            row_scale = row_scale * _reduction_scale(valid, reduction, acc)
+            row_scale = g * _reduction_scale(target != ignore_index, reduction, acc)
         gh, gw, gb = torch.ops.unif2ace.linear_d3diff_loss_backward(
             row_scale, hidden, weight, bias, target, row_weight, row_max, log_sum, alpha, sedd, ignore_index,
             strategy, chunk, vocab_chunk, grad_hidden, grad_weight)
