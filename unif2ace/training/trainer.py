@@ -24,10 +24,10 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 from unif2ace.model import UniF2aceConfig, UniF2aceModel
 from unif2ace.model.checkpoint import check_state
+from unif2ace.progress import progress_bar
 from unif2ace.training import checkpoint
 from unif2ace.training.config import TrainConfig
 from unif2ace.training.data import BatchOrder, TokenizedFaces, mix_seed
@@ -256,7 +256,7 @@ def train(cfg: TrainConfig, *, data: Optional[TokenizedFaces] = None, tokenizers
     t_start = time.time()
     last: dict = {}
     step = start
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train", disable=not (cfg.progress and master))
+    bar = progress_bar(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train", disable=not (cfg.progress and master))
     log = open(log_path, "a") if master else None
     for step in bar:
         t0 = time.time()
