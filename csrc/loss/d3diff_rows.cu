@@ -200,8 +200,9 @@ __global__ void rows_grad_kernel(const T* logits, T* grad, int64_t n_rows, int64
   }
 }
 
-// 256 threads for long rows, 128 for short ones (a vocabulary slice of a few thousand columns).
-int threads_for(int64_t n_cols) { return n_cols >= 4096 ? 256 : 128; }
+// Threads per row: 512 for a whole large vocabulary (a row chunk of a few hundred rows must still fill every SM with
+// loads in flight), 256 for long rows, 128 for short ones (a vocabulary slice of a few thousand columns, many rows).
+int threads_for(int64_t n_cols) { return n_cols >= 32768 ? 512 : (n_cols >= 4096 ? 256 : 128); }
 int grid_for(int64_t n_rows) { return static_cast<int>(n_rows < kMaxBlocks ? n_rows : kMaxBlocks); }
 
 }  // namespace
