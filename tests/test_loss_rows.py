@@ -262,7 +262,9 @@ def call_d3diff_rows_grad(buf, n_cols, col0, k, target, w, m, l, scale, grad, al
 
 
 D3_SHAPES = [(1, 1), (1, 7), (5, 33), (17, 1000), (3, 8193)]
-D3_TOL = {torch.float64: (1e-12, 1e-14), torch.float32: (2e-6, 1e-7)}
+# Loss rows against fp64: fp32 accumulation over up to 8k columns, amplified by eᵘ in the sedd term (the fp32 bound
+# of docs/design.md §3, 1e-5 relative).
+D3_TOL = {torch.float64: (1e-12, 1e-14)}
 
 
 @pytest.mark.parametrize("shape", D3_SHAPES)
@@ -280,11 +282,11 @@ def test_d3diff_rows_kernels_match_reference(shape, dtype, sedd):
     ld = k + 5  # an odd padding: rows start misaligned as well
     buf = padded(logits, ld)
     loss, m, l = call_d3diff_rows(buf, k, target, w, alpha, sedd, scale, grad=buf)
-    rtol, atol = D3_TOL.get(dtype, (2e-6, 1e-7))
+    rtol, atol = D3_TOL.get(dtype, (1e-5, 1e-6))
     torch.testing.assert_close(loss.double(), ref_loss, rtol=rtol, atol=atol)
     valid = target != -100
-    torch.testing.assert_close((m + l).double()[valid], torch.logsumexp(logits.double(), -1)[valid], rtol=rtol,
-                               atol=atol)
+    torch.testing.assert_close((m + l).double()[valid], torch.logsumexp(logits.double(), -1)[valid],
+                               rtol=min(rtol, 2e-6), atol=atol)
     assert (m[~valid] == 0).all() and (l[~valid] == 0).all() and (loss[~valid] == 0).all()
     grad_tol = dict(rtol=1e-12, atol=1e-14) if dtype == torch.float64 else dict(
         rtol=2e-5 if dtype == torch.float32 else torch.finfo(dtype).eps, atol=1e-6 if dtype == torch.float32 else 1e-4)
