@@ -169,7 +169,7 @@ Status maskgit_typed(const T* cond, const T* uncond, const int64_t* tokens, cons
   if (first_bad != std::numeric_limits<int64_t>::max())
     return Status::Invalid("cond_logits" + std::string(uncond ? "/uncond_logits" : "") + " at position " +
                            position(first_bad / p.seq_len, first_bad % p.seq_len) +
-                           ": the guided, tempered logits contain NaN or +inf, or are all -inf");
+                           ": the guided logits divided by the temperature contain NaN or +inf, or are all -inf");
 
   // Per sequence: the n lowest (confidence, position) keys are re-masked (selection, no sort).
   const int64_t N = p.seq_len;
@@ -282,7 +282,7 @@ Status next_token_typed(const T* logits, const NextTokenParams& p, int64_t* out)
   }
   if (first_bad != std::numeric_limits<int64_t>::max())
     return Status::Invalid("logits[" + std::to_string(first_bad) +
-                           "]: the tempered logits contain NaN or +inf, or are all -inf");
+                           "]: logits divided by the temperature contain NaN or +inf, or are all -inf");
   return Status::Ok();
 }
 
