@@ -160,8 +160,7 @@ def train(cfg: TrainConfig, *, data: Optional[TokenizedFaces] = None, tokenizers
     before clipping and the optimizer step (tests compare DDP and single-process gradients with it)."""
     rank, world, local_rank = setup_distributed()
     device = pick_device(cfg.device, local_rank)
-    run = RunDir(cfg.out_dir) if rank == 0 else None
-    try:
+    with RunDir(cfg.out_dir) if rank == 0 else contextlib.nullcontext() as run:  # rank 0 owns the out dir
         found = master_only(run, world, lambda r: r.open(resume=cfg.resume, overwrite=cfg.overwrite,
                                                          tokenizer_dir=cfg.tokenizer_dir), share=lambda f: f and f[0])
         if run is None and found:
@@ -216,9 +215,6 @@ def train(cfg: TrainConfig, *, data: Optional[TokenizedFaces] = None, tokenizers
         master_only(run, world, lambda r: r.export(model.config.to_dict(), model_sd, image_tok, text_tok))
         return {"step": last.get("step", start), "out_dir": cfg.out_dir, "last": last,
                 "seconds": time.time() - t_start, "model": model}
-    finally:
-        if run is not None:
-            run.close()
 
 
 def train_step(wrapped, model, optimizer, scheduler, order: BatchOrder, step: int, cfg: TrainConfig,
