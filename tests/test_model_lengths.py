@@ -34,3 +34,5 @@ def test_generate_text_prompt_limit(model):
     codes = torch.zeros(1, model.config.num_image_tokens, dtype=torch.long)
     with pytest.raises(ValueError, match="too long"):  # the image block counts too
         model.generate_text([[5] * (limit - 4)], image_codes=codes, max_new_tokens=4)
+    with pytest.raises(ValueError, match="max_new_tokens must be an int >= 0, got -1"):
+        model.generate_text([[5]], max_new_tokens=-1)

@@ -184,3 +184,12 @@ def test_cli_flags_are_validated_before_anything_runs(root, tmp_path):
         with pytest.raises(ValueError, match=message):
             main(["train", "--out-dir", out, "--data-dir", root, "--tokenizer-dir", root, *flags])
     assert not os.path.exists(out)
+
+
+def test_a_damaged_token_cache_is_rebuilt(root, finished):
+    cache = os.path.join(root, "cache")
+    (name,) = [n for n in os.listdir(cache) if n.startswith("tokens-")]
+    os.truncate(os.path.join(cache, name), 100)  # what a power loss can leave of an unsynced file
+    with pytest.warns(UserWarning, match="token cache .* cannot be read"):
+        train(tiny_config(root, os.path.join(root, "cache-rebuilt"), steps=1))
+    assert sorted(os.listdir(cache)) == [name] and torch.load(os.path.join(cache, name))["codes"].shape[0] > 0

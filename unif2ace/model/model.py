@@ -410,6 +410,8 @@ class UniF2aceModel(nn.Module):
                 raise ValueError(f"image_codes has {len(codes)} rows, prefixes {len(rows)}")
             rows = [[c.mmu_token_id, c.soi_token_id] + [c.image_token_offset + v for v in cr]
                     + [c.eoi_token_id, c.sot_token_id] + r for cr, r in zip(codes, rows)]
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
         self._check_fits([len(r) for r in rows], max_new_tokens, "max_new_tokens")
         ids, real = self._pad_left(rows)
         B, P = ids.shape

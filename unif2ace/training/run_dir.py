@@ -127,17 +127,18 @@ class RunDir:
                 warnings.warn(f"{path} could not be verified; renamed to {aside}")
 
     def _delete_run(self, tokenizer_dir: str) -> None:
+        """Moves the old run's files into one temporary folder (a few renames: a kill leaves next to nothing of the
+        old run in place, and the next open removes the folder), then deletes it. The tokenizers stay when the
+        out dir is also the tokenizer dir."""
         keep_tokenizers = bool(tokenizer_dir) and os.path.isdir(tokenizer_dir) and os.path.samefile(tokenizer_dir,
                                                                                                      self.path)
+        trash = durable.temporary_name(os.path.join(self.path, "overwritten"))
+        os.makedirs(trash)
         for name in (LOG, CONFIG, "checkpoints", *PIPELINE):
-            path = os.path.join(self.path, name)
-            if name.endswith("_tokenizer") and keep_tokenizers:
-                continue
-            if os.path.isdir(path):
-                shutil.rmtree(path)
-            elif os.path.exists(path):
-                os.remove(path)
+            if os.path.lexists(os.path.join(self.path, name)) and not (keep_tokenizers and name.endswith("_tokenizer")):
+                os.rename(os.path.join(self.path, name), os.path.join(trash, name))
         durable.fsync_path(self.path)
+        shutil.rmtree(trash)
 
     # ------------------------------------------------------------------------------------------------------
     # Config and log
@@ -227,6 +228,8 @@ def read_log(path: str, until: Optional[int] = None) -> tuple[list[dict], int]:
         try:
             record = json.loads(line)
             step = record["step"]
+            if not isinstance(step, int) or isinstance(step, bool):
+                raise TypeError("step is not an int")
         except (ValueError, TypeError, KeyError):
             where = "its last line (torn by an interrupted write)" if i >= len(lines) - 2 else f"line {i + 1}"
             warnings.warn(f"{path}: dropped {where}, which is not a log record: {line[:80]!r}")
