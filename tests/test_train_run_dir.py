@@ -193,3 +193,12 @@ def test_a_damaged_token_cache_is_rebuilt(root, finished):
     with pytest.warns(UserWarning, match="token cache .* cannot be read"):
         train(tiny_config(root, os.path.join(root, "cache-rebuilt"), steps=1))
     assert sorted(os.listdir(cache)) == [name] and torch.load(os.path.join(cache, name))["codes"].shape[0] > 0
+
+
+def test_resume_with_fewer_steps_than_done_is_refused_untouched(root, finished):
+    out = copy_run(finished, root, "fewer")
+    log = open(os.path.join(out, "train_log.jsonl")).read()
+    with pytest.raises(ValueError, match=r"steps=4 ends before the step 6 of the checkpoint .*raise --steps"):
+        train(tiny_config(root, out, resume=True, steps=4))
+    assert open(os.path.join(out, "train_log.jsonl")).read() == log
+    assert [checkpoint.step_of(c) for c in checkpoint.list_checkpoints(out)] == [3, 6]
