@@ -175,15 +175,20 @@ def test_train_config_reports_every_problem_at_once():
         TrainConfig(steps=0, checkpoint_every=0, resume=True, overwrite=True)
 
 
-def test_cli_flags_are_validated_before_anything_runs(root, tmp_path):
+def test_cli_reports_bad_flags_and_a_held_dir_in_one_line(root, finished, tmp_path, capsys):
     from unif2ace.cli import main
 
+    paths = ["--data-dir", os.path.join(root, "data"), "--tokenizer-dir", os.path.join(root, "tokenizers")]
     out = str(tmp_path / "never")
-    for flags, message in ((["--checkpoint-every", "0"], "checkpoint_every"), (["--steps", "0"], "steps"),
-                           (["--resume", "--overwrite"], "resume and overwrite")):
-        with pytest.raises(ValueError, match=message):
-            main(["train", "--out-dir", out, "--data-dir", root, "--tokenizer-dir", root, *flags])
+    for flags, message in ((["--checkpoint-every", "0"], "checkpoint_every must be an int >= 1, got 0"),
+                           (["--steps", "0"], "steps must be an int >= 1, got 0"),
+                           (["--resume", "--overwrite"], "resume and overwrite exclude each other")):
+        assert main(["train", "--out-dir", out, *paths, *flags]) == 1
+        assert capsys.readouterr().err.strip().splitlines()[-1] == f"unif2ace train: error: TrainConfig: {message}"
     assert not os.path.exists(out)
+    assert main(["train", "--out-dir", finished, *paths]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"unif2ace train: error: {finished} already holds a training run") and "--overwrite" in err
 
 
 def test_a_damaged_token_cache_is_rebuilt(root, finished):

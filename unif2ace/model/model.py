@@ -306,7 +306,7 @@ class UniF2aceModel(nn.Module):
         real = torch.tensor([[False] * (L - len(r)) + [True] * len(r) for r in rows], device=device)
         return ids, real
 
-    def _check_fits(self, lengths: Sequence[int], extra: int, what: str) -> None:
+    def _check_fits(self, lengths: Sequence[int], extra: int, what: str, name: str = "prompt") -> None:
         """Raises ValueError, before any work, when a prompt of lengths[i] tokens plus `extra` positions would not fit
         the model's max_position_embeddings (a longer sequence has no trained position and costs time and memory
         quadratic in its length)."""
@@ -314,9 +314,9 @@ class UniF2aceModel(nn.Module):
         longest = max(lengths, default=0)
         if longest + extra > limit:
             i = list(lengths).index(longest)
-            raise ValueError(f"prompt {i} is too long: {longest} tokens + {extra} for {what} = {longest + extra} "
+            raise ValueError(f"{name} {i} is too long: {longest} tokens + {extra} for {what} = {longest + extra} "
                              f"positions, but the model has max_position_embeddings = {limit} (at most "
-                             f"{max(0, limit - extra)} prompt tokens)")
+                             f"{max(0, limit - extra)} {name} tokens)")
 
     @contextlib.contextmanager
     def _eval_mode(self):
@@ -332,21 +332,28 @@ class UniF2aceModel(nn.Module):
     @torch.no_grad()
     def generate_images(self, prompt_ids: Sequence[Sequence[int]], *, steps: int = 18, guidance_scale: float = 0.0,
                         temperature: float = 1.0, choice_temperature: float = 1.0, seed: int = 0,
-                        init_codes: Optional[Tensor] = None, progress: bool = False) -> Tensor:
+                        init_codes: Optional[Tensor] = None, negative_prompt_ids: Optional[Sequence[Sequence[int]]] = None,
+                        progress: Union[bool, dict] = False) -> Tensor:
         """Text-to-image: image codes [B, N] in [0, K) for captions given as token-id lists (no special tokens).
 
         MaskGIT sampling (unif2ace.ops.maskgit_generate) over `steps` steps from an all-masked image (or from
         `init_codes` [B, N] with K marking unknown positions, for inpainting). With guidance_scale > 0 each step
         also runs the unconditional prompt (an empty caption, what caption dropout trains) in the same batch and
-        uses z_cond + g·(z_cond − z_uncond). The same seed gives the same codes.
+        uses z_cond + g·(z_cond − z_uncond); `negative_prompt_ids` (one caption per row) replace the empty caption
+        there. The same seed gives the same codes. `progress`: a progress bar over the steps (a dict: its options).
         """
         c = self.config
         B, N, K = len(prompt_ids), c.num_image_tokens, c.codebook_size
         prefixes = [generation_prefix(c, p) for p in prompt_ids]
-        self._check_fits([len(p) for p in prompt_ids], len(generation_prefix(c, [])) + N + 2,
-                         "the special tokens and the image block")
+        if negative_prompt_ids is not None and len(negative_prompt_ids) != B:
+            raise ValueError(f"negative_prompt_ids has {len(negative_prompt_ids)} rows, prompt_ids {B}")
+        room = len(generation_prefix(c, [])) + N + 2
+        self._check_fits([len(p) for p in prompt_ids], room, "the special tokens and the image block")
+        if guidance_scale > 0 and negative_prompt_ids is not None:
+            self._check_fits([len(n) for n in negative_prompt_ids], room, "the special tokens and the image block",
+                             name="negative prompt")
         if guidance_scale > 0:
-            prefixes += [generation_prefix(c, [])] * B
+            prefixes += [generation_prefix(c, n) for n in (negative_prompt_ids or [[]] * B)]
         prefix_ids, prefix_real = self._pad_left([p + [c.soi_token_id] for p in prefixes])
         rows, P = prefix_ids.shape
         device = prefix_ids.device
@@ -453,9 +460,11 @@ class UniF2aceModel(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str, *, clip_encoder: Optional[nn.Module] = None,
                         face_encoder: Optional[nn.Module] = None, backend: Optional[str] = None,
-                        device: Union[str, torch.device] = "cpu") -> "UniF2aceModel":
-        """Loads what save_pretrained wrote; raises CheckpointError naming the offending tensor or file on missing
-        / unexpected keys, shape mismatches and truncated or corrupt files."""
+                        device: Union[str, torch.device] = "cpu",
+                        torch_dtype: Optional[torch.dtype] = None) -> "UniF2aceModel":
+        """Loads what save_pretrained wrote (in `torch_dtype` if given, else as saved); raises CheckpointError
+        naming the offending tensor or file on missing / unexpected keys, shape mismatches and truncated or corrupt
+        files."""
         config = UniF2aceConfig.load(directory)
         for name, given in (("clip_encoder", clip_encoder), ("face_encoder", face_encoder)):
             if getattr(config, name) == "external" and given is None:
@@ -466,4 +475,4 @@ class UniF2aceModel(nn.Module):
         state = checkpoint.load(directory)
         checkpoint.check_state(model.checkpoint_state_dict(), state)
         model.load_state_dict(state, strict=False)
-        return model
+        return model.to(torch_dtype) if torch_dtype is not None else model

@@ -309,7 +309,7 @@ def maskgit_generate(
     offset: int = 0,
     device: Union[str, torch.device, None] = None,
     backend: str = "kernels",
-    progress: bool = False,
+    progress: Union[bool, dict] = False,
 ) -> Tensor:
     """Masked-diffusion generation: start from all-masked tokens [batch_size, num_tokens] (or `init_tokens`,
     with pre-filled codebook ids kept, for inpainting), run `num_steps` MaskGIT steps and return the final
@@ -340,10 +340,11 @@ def maskgit_generate(
             )
         tokens = init_tokens.to(torch.int64).clone()
     steps = range(num_steps)
-    if progress:
-        from tqdm.auto import tqdm
+    if progress:  # True, or a dict of unif2ace.progress.progress_bar options
+        from unif2ace.progress import progress_bar
 
-        steps = tqdm(steps, desc="maskgit", leave=False)
+        options = progress if isinstance(progress, dict) else {}
+        steps = progress_bar(steps, **{"desc": "maskgit", "leave": False, **options})
     for step in steps:
         out = logits_fn(tokens)
         if guidance_scale > 0:

@@ -85,7 +85,8 @@ class TrainConfig:
         yield integer("micro_batch_size", 1)
         yield (not isinstance(self.batch_size, int) or not isinstance(self.micro_batch_size, int)
                or self.micro_batch_size < 1 or self.batch_size % self.micro_batch_size == 0,
-               f"batch_size {self.batch_size} must be a multiple of micro_batch_size {self.micro_batch_size}")
+               f"batch_size {self.batch_size} must be a positive multiple of micro_batch_size "
+               f"{self.micro_batch_size}")
         yield number("generation_fraction", 0, 1)
         yield number("caption_fraction", 0, 1)
         yield integer("steps", 1)

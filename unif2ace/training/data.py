@@ -22,10 +22,10 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
 from unif2ace import durable
 from unif2ace.model.batch import build_batch
+from unif2ace.progress import progress_bar
 
 CAPTION_QUESTION = "Describe the face."
 
@@ -135,7 +135,7 @@ def encode_images(dataset, image_tokenizer, encoders: dict, *, batch_size: int =
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
                                          collate_fn=lambda items: torch.stack([i["image"] for i in items]))
     image_tokenizer = image_tokenizer.to(device).eval()
-    for images in tqdm(loader, desc=desc, disable=not progress):
+    for images in progress_bar(loader, desc=desc, disable=not progress):
         images = images.to(device)
         out["codes"].append(image_tokenizer.encode(images).to(torch.int32).cpu())
         for k, enc in encoders.items():

@@ -23,10 +23,10 @@ from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 from unif2ace.model import UniF2aceConfig, UniF2aceModel
 from unif2ace.model.checkpoint import check_state
+from unif2ace.progress import progress_bar
 from unif2ace.training import checkpoint
 from unif2ace.training.config import TrainConfig
 from unif2ace.training.data import BatchOrder, TokenizedFaces, mix_seed
@@ -190,9 +190,10 @@ def train(cfg: TrainConfig, *, data: Optional[TokenizedFaces] = None, tokenizers
                   f"{len(order.vqa_rows)} VQA pairs; {world} process(es) on {device}, "
                   f"{micro_per_step // world} micro-batch(es) of {cfg.micro_batch_size} per rank and step")
 
+        model.train()
         t_start, last = time.time(), {}
-        bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train",
-                   disable=not (cfg.progress and run is not None))
+        bar = progress_bar(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train",
+                           disable=not (cfg.progress and run is not None))
         for step in bar:
             last = train_step(wrapped, model, optimizer, scheduler, order, step, cfg, device, rank, world, grad_hook)
             if run is not None:
