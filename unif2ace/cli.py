@@ -219,6 +219,7 @@ TRAIN_HELP = {
     "checkpoint_every": "steps between checkpoints",
     "keep_checkpoints": "newest checkpoints kept",
     "resume": "continue from the newest good checkpoint in --out-dir",
+    "overwrite": "delete the run already in --out-dir and start again (without it, a fresh run there is refused)",
     "stop_after": "stop after this many steps of this invocation (0: never); the schedule still follows --steps",
     "max_seconds": "stop with a checkpoint after this wall time (0: no limit)",
     "progress": "progress bar / progress lines",
@@ -508,8 +509,9 @@ def error_line(command: str, exc: BaseException) -> str:
     if isinstance(exc, USER_ERRORS):
         return f"unif2ace {command}: error: {message}"
     from unif2ace.model.checkpoint import CheckpointError
+    from unif2ace.training.run_dir import RunDirError
 
-    if isinstance(exc, CheckpointError):
+    if isinstance(exc, (CheckpointError, RunDirError)):
         return f"unif2ace {command}: error: {message}"
     return f"unif2ace {command}: error: {type(exc).__name__}: {message} (rerun with --debug for the traceback)"
 

@@ -306,6 +306,18 @@ class UniF2aceModel(nn.Module):
         real = torch.tensor([[False] * (L - len(r)) + [True] * len(r) for r in rows], device=device)
         return ids, real
 
+    def _check_fits(self, lengths: Sequence[int], extra: int, what: str, name: str = "prompt") -> None:
+        """Raises ValueError, before any work, when a prompt of lengths[i] tokens plus `extra` positions would not fit
+        the model's max_position_embeddings (a longer sequence has no trained position and costs time and memory
+        quadratic in its length)."""
+        limit = self.config.max_position_embeddings
+        longest = max(lengths, default=0)
+        if longest + extra > limit:
+            i = list(lengths).index(longest)
+            raise ValueError(f"{name} {i} is too long: {longest} tokens + {extra} for {what} = {longest + extra} "
+                             f"positions, but the model has max_position_embeddings = {limit} (at most "
+                             f"{max(0, limit - extra)} {name} tokens)")
+
     @contextlib.contextmanager
     def _eval_mode(self):
         """Inference runs in eval mode (the Noise expert then uses f = 0: generation is deterministic given the
@@ -335,6 +347,11 @@ class UniF2aceModel(nn.Module):
         prefixes = [generation_prefix(c, p) for p in prompt_ids]
         if negative_prompt_ids is not None and len(negative_prompt_ids) != B:
             raise ValueError(f"negative_prompt_ids has {len(negative_prompt_ids)} rows, prompt_ids {B}")
+        room = len(generation_prefix(c, [])) + N + 2
+        self._check_fits([len(p) for p in prompt_ids], room, "the special tokens and the image block")
+        if guidance_scale > 0 and negative_prompt_ids is not None:
+            self._check_fits([len(n) for n in negative_prompt_ids], room, "the special tokens and the image block",
+                             name="negative prompt")
         if guidance_scale > 0:
             prefixes += [generation_prefix(c, n) for n in (negative_prompt_ids or [[]] * B)]
         prefix_ids, prefix_real = self._pad_left([p + [c.soi_token_id] for p in prefixes])
@@ -400,10 +417,11 @@ class UniF2aceModel(nn.Module):
                 raise ValueError(f"image_codes has {len(codes)} rows, prefixes {len(rows)}")
             rows = [[c.mmu_token_id, c.soi_token_id] + [c.image_token_offset + v for v in cr]
                     + [c.eoi_token_id, c.sot_token_id] + r for cr, r in zip(codes, rows)]
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        self._check_fits([len(r) for r in rows], max_new_tokens, "max_new_tokens")
         ids, real = self._pad_left(rows)
         B, P = ids.shape
-        if P + max_new_tokens > c.max_position_embeddings:
-            raise ValueError(f"prefix {P} + {max_new_tokens} new tokens exceed {c.max_position_embeddings} positions")
         device = ids.device
         task = torch.zeros(B, dtype=torch.long, device=device)
         emb = self.image_embeddings(B, device, images, embeddings)

@@ -244,7 +244,7 @@ def run_demo(cfg: DemoConfig, docs_dir: str = "") -> dict:
         if not os.path.exists(steps_path):
             # measure a few steps on this machine, then fit the step count into the time budget
             probe = dataclasses.replace(tcfg, out_dir=os.path.join(cfg.out, "calibrate"), stop_after=4, resume=False,
-                                        progress=False, checkpoint_every=10**9)
+                                        overwrite=True, progress=False, checkpoint_every=10**9)
             train(probe)
             with open(os.path.join(probe.out_dir, "train_log.jsonl")) as f:
                 times = sorted(json.loads(line)["step_time"] for line in f)
