@@ -37,13 +37,15 @@ int from_status(const Status& s) noexcept {
     case Status::kInvalidArgument: return set_error(UNIF2ACE_ERROR_INVALID_ARGUMENT, s.message.c_str());
     case Status::kCudaError: return set_error(UNIF2ACE_ERROR_CUDA, s.message.c_str());
     case Status::kNotBuilt: return set_error(UNIF2ACE_ERROR_NOT_BUILT, s.message.c_str());
+    case Status::kOutOfMemory: return set_error(UNIF2ACE_ERROR_OUT_OF_MEMORY, s.message.c_str());
+    case Status::kInternal: return set_error(UNIF2ACE_ERROR_INTERNAL, s.message.c_str());
   }
   return set_error(UNIF2ACE_ERROR_INTERNAL, s.message.c_str());
 }
 
-// Runs fn (returning a Status) with every exception caught.
+// Runs fn (checks, then the C++ entry point; returns a Status) with every exception caught.
 template <typename Fn>
-int guarded(Fn&& fn) noexcept {
+int c_call(Fn&& fn) noexcept {
   try {
     return from_status(fn());
   } catch (const InvalidArgument& e) {
@@ -74,6 +76,16 @@ template <typename P>
 const P& need_params(const P* p) {
   if (p == nullptr) throw InvalidArgument("params: NULL pointer");
   return *p;
+}
+
+loss::D3DiffOptions d3diff_options(const unif2ace_d3diff_options* c) {
+  if (c == nullptr) throw InvalidArgument("opts: NULL pointer");
+  loss::D3DiffOptions o;
+  o.alpha = c->alpha;
+  o.sedd = c->sedd != 0;
+  o.n_classes = c->n_classes;
+  o.ignore_index = c->ignore_index;
+  return o;
 }
 
 sampling::MaskGitParams maskgit_params(const unif2ace_maskgit_params& c) {
@@ -134,14 +146,14 @@ int unif2ace_abi_version(void) { return UNIF2ACE_C_ABI_VERSION; }
 int unif2ace_built_with_cuda(void) { return built_with_cuda() ? 1 : 0; }
 
 int unif2ace_cuda_device_count(int* count) {
-  return guarded([&] {
+  return c_call([&] {
     need(count, "count", true);
     return cuda_device_count(count);
   });
 }
 
 int unif2ace_cpu_isa(const char** name) {
-  return guarded([&] {
+  return c_call([&] {
     need(name, "name", true);
     return cpu_isa(name);
   });
@@ -150,7 +162,7 @@ int unif2ace_cpu_isa(const char** name) {
 // ---- Loss rows ----------------------------------------------------------------------------------------------------
 int unif2ace_row_lse_target_cpu(const void* logits, int32_t dtype, int64_t n_rows, int64_t n_cols,
                                 const int64_t* target, int64_t ignore_index, void* lse, void* target_logit) {
-  return guarded([&] {
+  return c_call([&] {
     const DType dt = dtype_arg(dtype, false);
     for (auto [p, name] : {std::pair<const void*, const char*>{logits, "logits"}, {target, "target"}, {lse, "lse"},
                            {target_logit, "target_logit"}})
@@ -162,7 +174,7 @@ int unif2ace_row_lse_target_cpu(const void* logits, int32_t dtype, int64_t n_row
 int unif2ace_row_lse_target_cuda(const void* logits, int32_t dtype, int64_t n_rows, int64_t n_cols,
                                  const int64_t* target, int64_t ignore_index, float* lse, float* target_logit,
                                  int device, void* stream) {
-  return guarded([&] {
+  return c_call([&] {
     U2A_CUDA("unif2ace_row_lse_target_cuda",
              return loss::row_lse_target_cuda(logits, dtype_arg(dtype, true), n_rows, n_cols, target, ignore_index,
                                               lse, target_logit, device, stream));
@@ -172,7 +184,7 @@ int unif2ace_row_lse_target_cuda(const void* logits, int32_t dtype, int64_t n_ro
 int unif2ace_softmax_onehot_grad_cpu(const void* logits, void* grad, int32_t dtype, int64_t n_rows, int64_t n_cols,
                                      const void* lse, const int64_t* target, int64_t ignore_index,
                                      const void* coef_softmax, const void* coef_onehot) {
-  return guarded([&] {
+  return c_call([&] {
     const DType dt = dtype_arg(dtype, false);
     for (auto [p, name] : {std::pair<const void*, const char*>{logits, "logits"}, {grad, "grad"}, {lse, "lse"},
                            {target, "target"}, {coef_softmax, "coef_softmax"}, {coef_onehot, "coef_onehot"}})
@@ -185,10 +197,64 @@ int unif2ace_softmax_onehot_grad_cpu(const void* logits, void* grad, int32_t dty
 int unif2ace_softmax_onehot_grad_cuda(const void* logits, void* grad, int32_t dtype, int64_t n_rows, int64_t n_cols,
                                       const float* lse, const int64_t* target, int64_t ignore_index,
                                       const float* coef_softmax, const float* coef_onehot, int device, void* stream) {
-  return guarded([&] {
+  return c_call([&] {
     U2A_CUDA("unif2ace_softmax_onehot_grad_cuda",
              return loss::softmax_onehot_grad_cuda(logits, grad, dtype_arg(dtype, true), n_rows, n_cols, lse, target,
                                                    ignore_index, coef_softmax, coef_onehot, device, stream));
+  });
+}
+
+int unif2ace_d3diff_rows_cpu(const void* logits, void* grad, int32_t dtype, int64_t n_rows, int64_t n_cols, int64_t ld,
+                             const int64_t* target, const void* row_weight, const void* row_scale,
+                             const unif2ace_d3diff_options* opts, void* loss, void* row_max, void* log_sum) {
+  return c_call([&] {
+    const DType dt = dtype_arg(dtype, false);
+    const loss::D3DiffOptions o = d3diff_options(opts);
+    for (auto [p, name] : {std::pair<const void*, const char*>{logits, "logits"}, {target, "target"},
+                           {row_weight, "row_weight"}, {loss, "loss"}, {row_max, "row_max"}, {log_sum, "log_sum"}})
+      need(p, name, n_rows > 0);
+    return loss::d3diff_rows_cpu(logits, grad, dt, n_rows, n_cols, ld, target, row_weight, row_scale, o, loss,
+                                 row_max, log_sum);
+  });
+}
+
+int unif2ace_d3diff_rows_cuda(const void* logits, void* grad, int32_t dtype, int64_t n_rows, int64_t n_cols,
+                              int64_t ld, const int64_t* target, const float* row_weight, const float* row_scale,
+                              const unif2ace_d3diff_options* opts, float* loss, float* row_max, float* log_sum,
+                              int device, void* stream) {
+  return c_call([&] {
+    U2A_CUDA("unif2ace_d3diff_rows_cuda",
+             return loss::d3diff_rows_cuda(logits, grad, dtype_arg(dtype, true), n_rows, n_cols, ld, target,
+                                           row_weight, row_scale, d3diff_options(opts), loss, row_max, log_sum,
+                                           device, stream));
+  });
+}
+
+int unif2ace_d3diff_rows_grad_cpu(const void* logits, void* grad, int32_t dtype, int64_t n_rows, int64_t n_cols,
+                                  int64_t ld, int64_t col0, const int64_t* target, const void* row_weight,
+                                  const void* row_max, const void* log_sum, const void* row_scale,
+                                  const unif2ace_d3diff_options* opts) {
+  return c_call([&] {
+    const DType dt = dtype_arg(dtype, false);
+    const loss::D3DiffOptions o = d3diff_options(opts);
+    for (auto [p, name] : {std::pair<const void*, const char*>{logits, "logits"}, {grad, "grad"}, {target, "target"},
+                           {row_weight, "row_weight"}, {row_max, "row_max"}, {log_sum, "log_sum"},
+                           {row_scale, "row_scale"}})
+      need(p, name, n_rows > 0);
+    return loss::d3diff_rows_grad_cpu(logits, grad, dt, n_rows, n_cols, ld, col0, target, row_weight, row_max,
+                                      log_sum, row_scale, o);
+  });
+}
+
+int unif2ace_d3diff_rows_grad_cuda(const void* logits, void* grad, int32_t dtype, int64_t n_rows, int64_t n_cols,
+                                   int64_t ld, int64_t col0, const int64_t* target, const float* row_weight,
+                                   const float* row_max, const float* log_sum, const float* row_scale,
+                                   const unif2ace_d3diff_options* opts, int device, void* stream) {
+  return c_call([&] {
+    U2A_CUDA("unif2ace_d3diff_rows_grad_cuda",
+             return loss::d3diff_rows_grad_cuda(logits, grad, dtype_arg(dtype, true), n_rows, n_cols, ld, col0,
+                                                target, row_weight, row_max, log_sum, row_scale,
+                                                d3diff_options(opts), device, stream));
   });
 }
 
@@ -197,7 +263,7 @@ int unif2ace_moe_gate_forward_cpu(const void* logits, int32_t dtype, int64_t n_t
                                   int64_t n_experts, int64_t top_k, const int64_t* group_ids,
                                   const uint8_t* token_mask, int32_t renormalize, void* gates, int64_t* expert_ids,
                                   int64_t* expert_counts, int64_t* group_counts, void* prob_mean) {
-  return guarded([&] {
+  return c_call([&] {
     const DType dt = dtype_arg(dtype, false);
     for (auto [p, name] : {std::pair<const void*, const char*>{logits, "logits"}, {group_ids, "group_ids"},
                            {gates, "gates"}, {expert_ids, "expert_ids"}})
@@ -216,7 +282,7 @@ int unif2ace_moe_gate_forward_cuda(const void* logits, int32_t dtype, int64_t n_
                                    int64_t* expert_counts, int64_t* group_counts, float* prob_mean,
                                    float* partial_probs, int64_t* partial_counts, int64_t* partial_groups,
                                    int device, void* stream) {
-  return guarded([&] {
+  return c_call([&] {
     U2A_CUDA("unif2ace_moe_gate_forward_cuda",
              return moe::gate_forward_cuda(logits, dtype_arg(dtype, true), n_tokens, n_groups, n_experts, top_k,
                                            group_ids, token_mask, renormalize != 0, gates, expert_ids, expert_counts,
@@ -230,7 +296,7 @@ int unif2ace_moe_gate_backward_cpu(const void* logits, int32_t dtype, int64_t n_
                                    const uint8_t* token_mask, int32_t renormalize, const int64_t* expert_ids,
                                    const int64_t* group_counts, const void* grad_gates, const void* grad_prob_mean,
                                    void* grad_logits) {
-  return guarded([&] {
+  return c_call([&] {
     const DType dt = dtype_arg(dtype, false);
     for (auto [p, name] : {std::pair<const void*, const char*>{logits, "logits"}, {group_ids, "group_ids"},
                            {expert_ids, "expert_ids"}, {grad_logits, "grad_logits"}})
@@ -247,7 +313,7 @@ int unif2ace_moe_gate_backward_cuda(const void* logits, int32_t dtype, int64_t n
                                     const uint8_t* token_mask, int32_t renormalize, const int64_t* expert_ids,
                                     const int64_t* group_counts, const float* grad_gates,
                                     const float* grad_prob_mean, void* grad_logits, int device, void* stream) {
-  return guarded([&] {
+  return c_call([&] {
     U2A_CUDA("unif2ace_moe_gate_backward_cuda",
              return moe::gate_backward_cuda(logits, dtype_arg(dtype, true), n_tokens, n_groups, n_experts, top_k,
                                             group_ids, token_mask, renormalize != 0, expert_ids, group_counts,
@@ -257,7 +323,7 @@ int unif2ace_moe_gate_backward_cuda(const void* logits, int32_t dtype, int64_t n
 
 int unif2ace_moe_sort_slots_cpu(const int64_t* expert_ids, int64_t n_slots, int64_t n_experts,
                                 int64_t* expert_offsets, int64_t* sorted_slot) {
-  return guarded([&] {
+  return c_call([&] {
     need(expert_ids, "expert_ids", n_slots > 0);
     need(sorted_slot, "sorted_slot", n_slots > 0);
     need(expert_offsets, "expert_offsets", true);
@@ -268,7 +334,7 @@ int unif2ace_moe_sort_slots_cpu(const int64_t* expert_ids, int64_t n_slots, int6
 int unif2ace_moe_sort_slots_cuda(const int64_t* expert_ids, int64_t n_slots, int64_t n_experts,
                                  int64_t* expert_offsets, int64_t* sorted_slot, int64_t* block_counts, int device,
                                  void* stream) {
-  return guarded([&] {
+  return c_call([&] {
     U2A_CUDA("unif2ace_moe_sort_slots_cuda",
              return moe::sort_slots_cuda(expert_ids, n_slots, n_experts, expert_offsets, sorted_slot, block_counts,
                                          device, stream));
@@ -276,7 +342,7 @@ int unif2ace_moe_sort_slots_cuda(const int64_t* expert_ids, int64_t n_slots, int
 }
 
 int unif2ace_moe_invert_permutation_cpu(const int64_t* sorted_slot, int64_t n, int64_t* slot_pos) {
-  return guarded([&] {
+  return c_call([&] {
     need(sorted_slot, "sorted_slot", n > 0);
     need(slot_pos, "slot_pos", n > 0);
     return moe::invert_permutation_cpu(sorted_slot, n, slot_pos);
@@ -285,7 +351,7 @@ int unif2ace_moe_invert_permutation_cpu(const int64_t* sorted_slot, int64_t n, i
 
 int unif2ace_moe_invert_permutation_cuda(const int64_t* sorted_slot, int64_t n, int64_t* slot_pos, int device,
                                          void* stream) {
-  return guarded([&] {
+  return c_call([&] {
     U2A_CUDA("unif2ace_moe_invert_permutation_cuda",
              return moe::invert_permutation_cuda(sorted_slot, n, slot_pos, device, stream));
   });
@@ -293,7 +359,7 @@ int unif2ace_moe_invert_permutation_cuda(const int64_t* sorted_slot, int64_t n, 
 
 int unif2ace_moe_permute_rows_cpu(const void* src, int32_t dtype, int64_t n_tokens, int64_t hidden, int64_t top_k,
                                   const int64_t* sorted_slot, int64_t n_rows, void* out) {
-  return guarded([&] {
+  return c_call([&] {
     const DType dt = dtype_arg(dtype, false);
     need(src, "src", n_tokens > 0 && hidden > 0);
     need(sorted_slot, "sorted_slot", n_rows > 0);
@@ -304,7 +370,7 @@ int unif2ace_moe_permute_rows_cpu(const void* src, int32_t dtype, int64_t n_toke
 
 int unif2ace_moe_permute_rows_cuda(const void* src, int32_t dtype, int64_t n_tokens, int64_t hidden, int64_t top_k,
                                    const int64_t* sorted_slot, int64_t n_rows, void* out, int device, void* stream) {
-  return guarded([&] {
+  return c_call([&] {
     U2A_CUDA("unif2ace_moe_permute_rows_cuda",
              return moe::permute_rows_cuda(src, dtype_arg(dtype, true), n_tokens, hidden, top_k, sorted_slot, n_rows,
                                            out, device, stream));
@@ -313,7 +379,7 @@ int unif2ace_moe_permute_rows_cuda(const void* src, int32_t dtype, int64_t n_tok
 
 int unif2ace_moe_unpermute_sum_cpu(const void* rows, int32_t dtype, int64_t n_tokens, int64_t hidden, int64_t top_k,
                                    const int64_t* slot_pos, const void* weights, void* out) {
-  return guarded([&] {
+  return c_call([&] {
     const DType dt = dtype_arg(dtype, false);
     need(rows, "rows", n_tokens > 0 && hidden > 0);
     need(slot_pos, "slot_pos", n_tokens > 0);
@@ -325,7 +391,7 @@ int unif2ace_moe_unpermute_sum_cpu(const void* rows, int32_t dtype, int64_t n_to
 int unif2ace_moe_unpermute_sum_cuda(const void* rows, int32_t dtype, int64_t n_tokens, int64_t hidden, int64_t top_k,
                                     const int64_t* slot_pos, const float* weights, void* out, int device,
                                     void* stream) {
-  return guarded([&] {
+  return c_call([&] {
     U2A_CUDA("unif2ace_moe_unpermute_sum_cuda",
              return moe::unpermute_sum_cuda(rows, dtype_arg(dtype, true), n_tokens, hidden, top_k, slot_pos, weights,
                                             out, device, stream));
@@ -335,7 +401,7 @@ int unif2ace_moe_unpermute_sum_cuda(const void* rows, int32_t dtype, int64_t n_t
 int unif2ace_moe_unpermute_sum_backward_cpu(const void* grad_out, const void* rows, int32_t dtype, int64_t n_tokens,
                                             int64_t hidden, int64_t top_k, const int64_t* sorted_slot,
                                             const void* weights, void* grad_rows, void* grad_weights) {
-  return guarded([&] {
+  return c_call([&] {
     const DType dt = dtype_arg(dtype, false);
     for (auto [p, name] : {std::pair<const void*, const char*>{grad_out, "grad_out"}, {rows, "rows"},
                            {sorted_slot, "sorted_slot"}, {grad_rows, "grad_rows"}})
@@ -349,7 +415,7 @@ int unif2ace_moe_unpermute_sum_backward_cuda(const void* grad_out, const void* r
                                              int64_t hidden, int64_t top_k, const int64_t* sorted_slot,
                                              const float* weights, void* grad_rows, float* grad_weights, int device,
                                              void* stream) {
-  return guarded([&] {
+  return c_call([&] {
     U2A_CUDA("unif2ace_moe_unpermute_sum_backward_cuda",
              return moe::unpermute_sum_backward_cuda(grad_out, rows, dtype_arg(dtype, true), n_tokens, hidden, top_k,
                                                      sorted_slot, weights, grad_rows, grad_weights, device, stream));
@@ -358,7 +424,7 @@ int unif2ace_moe_unpermute_sum_backward_cuda(const void* grad_out, const void* r
 
 int unif2ace_moe_scatter_add_rows_cpu(const void* rows, int32_t dtype, int64_t n_rows, int64_t hidden, int64_t top_k,
                                       const int64_t* slots, int64_t n_tokens, const void* weights, void* out) {
-  return guarded([&] {
+  return c_call([&] {
     const DType dt = dtype_arg(dtype, false);
     need(rows, "rows", n_rows > 0 && hidden > 0);
     need(slots, "slots", n_rows > 0);
@@ -370,7 +436,7 @@ int unif2ace_moe_scatter_add_rows_cpu(const void* rows, int32_t dtype, int64_t n
 int unif2ace_moe_scatter_add_rows_cuda(const void* rows, int32_t dtype, int64_t n_rows, int64_t hidden,
                                        int64_t top_k, const int64_t* slots, int64_t n_tokens, const float* weights,
                                        float* out, int device, void* stream) {
-  return guarded([&] {
+  return c_call([&] {
     U2A_CUDA("unif2ace_moe_scatter_add_rows_cuda",
              return moe::scatter_add_rows_cuda(rows, dtype_arg(dtype, true), n_rows, hidden, top_k, slots, n_tokens,
                                                weights, out, device, stream));
@@ -380,7 +446,7 @@ int unif2ace_moe_scatter_add_rows_cuda(const void* rows, int32_t dtype, int64_t 
 int unif2ace_moe_gelu_tanh_backward_rows_cpu(const void* pre, const void* d_hid, int32_t dtype, int64_t n_rows,
                                              int64_t width, const void* row_weights, void* hid_w, void* d_pre,
                                              void* row_dot) {
-  return guarded([&] {
+  return c_call([&] {
     const DType dt = dtype_arg(dtype, false);
     for (auto [p, name] : {std::pair<const void*, const char*>{pre, "pre"}, {d_hid, "d_hid"}, {hid_w, "hid_w"},
                            {d_pre, "d_pre"}})
@@ -392,7 +458,7 @@ int unif2ace_moe_gelu_tanh_backward_rows_cpu(const void* pre, const void* d_hid,
 int unif2ace_moe_gelu_tanh_backward_rows_cuda(const void* pre, const void* d_hid, int32_t dtype, int64_t n_rows,
                                               int64_t width, const float* row_weights, void* hid_w, void* d_pre,
                                               float* row_dot, int device, void* stream) {
-  return guarded([&] {
+  return c_call([&] {
     U2A_CUDA("unif2ace_moe_gelu_tanh_backward_rows_cuda",
              return moe::gelu_tanh_backward_rows_cuda(pre, d_hid, dtype_arg(dtype, true), n_rows, width, row_weights,
                                                       hid_w, d_pre, row_dot, device, stream));
@@ -411,7 +477,7 @@ int64_t unif2ace_moe_sort_block_slots(void) { return 0; }
 int unif2ace_maskgit_step_cpu(const void* cond_logits, const void* uncond_logits, int32_t dtype,
                               const int64_t* tokens, const unif2ace_maskgit_params* params, int64_t* new_tokens,
                               int64_t* sampled, float* confidence) {
-  return guarded([&] {
+  return c_call([&] {
     const DType dt = dtype_arg(dtype, false);
     const sampling::MaskGitParams p = maskgit_params(need_params(params));
     const bool any = p.batch > 0 && p.seq_len > 0;
@@ -425,7 +491,7 @@ int unif2ace_maskgit_step_cpu(const void* cond_logits, const void* uncond_logits
 int unif2ace_maskgit_step_cuda(const void* cond_logits, const void* uncond_logits, int32_t dtype,
                                const int64_t* tokens, const unif2ace_maskgit_params* params, int64_t* new_tokens,
                                int64_t* sampled, float* confidence, int device, void* stream) {
-  return guarded([&] {
+  return c_call([&] {
     U2A_CUDA("unif2ace_maskgit_step_cuda",
              return sampling::maskgit_step_cuda(cond_logits, uncond_logits, dtype_arg(dtype, true), tokens,
                                                 maskgit_params(need_params(params)), new_tokens, sampled, confidence,
@@ -435,7 +501,7 @@ int unif2ace_maskgit_step_cuda(const void* cond_logits, const void* uncond_logit
 
 int unif2ace_sample_next_token_cpu(const void* logits, int32_t dtype, const unif2ace_next_token_params* params,
                                    int64_t* out) {
-  return guarded([&] {
+  return c_call([&] {
     const DType dt = dtype_arg(dtype, false);
     const sampling::NextTokenParams p = next_token_params(need_params(params));
     need(logits, "logits", p.batch > 0);
@@ -446,7 +512,7 @@ int unif2ace_sample_next_token_cpu(const void* logits, int32_t dtype, const unif
 
 int unif2ace_sample_next_token_cuda(const void* logits, int32_t dtype, const unif2ace_next_token_params* params,
                                     int64_t* out, int device, void* stream) {
-  return guarded([&] {
+  return c_call([&] {
     U2A_CUDA("unif2ace_sample_next_token_cuda",
              return sampling::sample_next_token_cuda(logits, dtype_arg(dtype, true),
                                                      next_token_params(need_params(params)), out, device, stream));
@@ -454,7 +520,7 @@ int unif2ace_sample_next_token_cuda(const void* logits, int32_t dtype, const uni
 }
 
 int unif2ace_philox_noise_cpu(uint64_t seed, uint64_t offset, int64_t n, int32_t kind, void* out) {
-  return guarded([&] {
+  return c_call([&] {
     const sampling::NoiseKind k = noise_kind(kind);
     need(out, "out", n > 0);
     return sampling::philox_noise_cpu(seed, offset, n, k, out);
@@ -463,7 +529,7 @@ int unif2ace_philox_noise_cpu(uint64_t seed, uint64_t offset, int64_t n, int32_t
 
 int unif2ace_philox_noise_cuda(uint64_t seed, uint64_t offset, int64_t n, int32_t kind, void* out, int device,
                                void* stream) {
-  return guarded([&] {
+  return c_call([&] {
     U2A_CUDA("unif2ace_philox_noise_cuda",
              return sampling::philox_noise_cuda(seed, offset, n, noise_kind(kind), out, device, stream));
   });

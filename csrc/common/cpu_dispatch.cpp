@@ -3,6 +3,8 @@
 //
 // Adding a CPU entry point: declare it in the family header, define it inside the family's
 // `namespace <family>::U2A_CPU_NS { ... }` block, and add one line X(family, name, number of arguments) below.
+// A function a kernel file defines outside that block (an argument check the .cu files call too) is not listed:
+// the baseline copy provides it.
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -17,6 +19,8 @@
 #define U2A_CPU_ENTRY_POINTS(X)           \
   X(loss, row_lse_target_cpu, 8)          \
   X(loss, softmax_onehot_grad_cpu, 10)    \
+  X(loss, d3diff_rows_cpu, 13)            \
+  X(loss, d3diff_rows_grad_cpu, 13)       \
   X(moe, gate_forward_cpu, 14)            \
   X(moe, gate_backward_cpu, 14)           \
   X(moe, sort_slots_cpu, 5)               \

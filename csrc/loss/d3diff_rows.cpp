@@ -25,6 +25,7 @@ Status check_d3diff_args(int64_t n_rows, int64_t n_cols, int64_t ld, int64_t col
   return Status::Ok();
 }
 
+namespace U2A_CPU_NS {  // the kernels: one copy per CPU instruction-set level (docs/cpp.md)
 namespace {
 
 Status check_targets(const int64_t* target, int64_t n_rows, int64_t n_classes, int64_t ignore_index,
@@ -149,5 +150,6 @@ Status d3diff_rows_grad_cpu(const void* logits, void* grad, DType dtype, int64_t
   return Status::Ok();
 }
 
+}  // namespace U2A_CPU_NS
 }  // namespace loss
 }  // namespace unif2ace

@@ -46,7 +46,7 @@ enum {
   UNIF2ACE_ERROR_INVALID_ARGUMENT = 1, /* bad size, id, dtype, NULL pointer, NaN logits...; outputs untouched */
   UNIF2ACE_ERROR_CUDA = 2,             /* a CUDA runtime error (no driver, bad device, launch failure) */
   UNIF2ACE_ERROR_NOT_BUILT = 3,        /* a *_cuda function in a build without CUDA kernels */
-  UNIF2ACE_ERROR_OUT_OF_MEMORY = 4,    /* a host allocation failed */
+  UNIF2ACE_ERROR_OUT_OF_MEMORY = 4,    /* a host allocation (scratch) failed */
   UNIF2ACE_ERROR_INTERNAL = 5          /* any other failure (a bug: please report it) */
 };
 
@@ -56,6 +56,15 @@ enum {
   UNIF2ACE_NOISE_GUMBEL = 1,   /* float, Gumbel(0, 1) */
   UNIF2ACE_NOISE_UNIFORM64 = 2 /* the raw 64-bit integer, stored as int64_t bits */
 };
+
+/* Options of the D3Diff row kernels (see unif2ace::loss::D3DiffOptions). 32 bytes, no padding. */
+typedef struct unif2ace_d3diff_options {
+  double alpha;          /* weight of the score-entropy term, finite and >= 0 */
+  int64_t n_classes;     /* K of the full row */
+  int64_t ignore_index;  /* target value of rows that contribute nothing */
+  int32_t sedd;          /* nonzero: score="sedd" (adds phi(u)); 0: score="normalized" */
+  int32_t reserved;      /* 0 */
+} unif2ace_d3diff_options;
 
 /* One MaskGIT step (see unif2ace::sampling::MaskGitParams). 72 bytes, no padding. */
 typedef struct unif2ace_maskgit_params {
@@ -116,6 +125,28 @@ UNIF2ACE_API int unif2ace_softmax_onehot_grad_cuda(const void* logits, void* gra
                                                    int64_t n_cols, const float* lse, const int64_t* target,
                                                    int64_t ignore_index, const float* coef_softmax,
                                                    const float* coef_onehot, int device, void* stream);
+
+/* The D3Diff loss of whole rows: loss, row_max, log_sum [n_rows] acc; with grad non-NULL (may be logits) also
+ * row_scale[n] * dloss/dlogits (row_scale then required). Rows of a buffer with leading dimension ld >= n_cols;
+ * row_weight [n_rows] acc is the time weight w. */
+UNIF2ACE_API int unif2ace_d3diff_rows_cpu(const void* logits, void* grad, int32_t dtype, int64_t n_rows, int64_t n_cols,
+                                          int64_t ld, const int64_t* target, const void* row_weight,
+                                          const void* row_scale, const unif2ace_d3diff_options* opts, void* loss,
+                                          void* row_max, void* log_sum);
+UNIF2ACE_API int unif2ace_d3diff_rows_cuda(const void* logits, void* grad, int32_t dtype, int64_t n_rows,
+                                           int64_t n_cols, int64_t ld, const int64_t* target, const float* row_weight,
+                                           const float* row_scale, const unif2ace_d3diff_options* opts, float* loss,
+                                           float* row_max, float* log_sum, int device, void* stream);
+/* The gradient of columns [col0, col0 + n_cols) of rows of opts->n_classes classes, from stored statistics. */
+UNIF2ACE_API int unif2ace_d3diff_rows_grad_cpu(const void* logits, void* grad, int32_t dtype, int64_t n_rows,
+                                               int64_t n_cols, int64_t ld, int64_t col0, const int64_t* target,
+                                               const void* row_weight, const void* row_max, const void* log_sum,
+                                               const void* row_scale, const unif2ace_d3diff_options* opts);
+UNIF2ACE_API int unif2ace_d3diff_rows_grad_cuda(const void* logits, void* grad, int32_t dtype, int64_t n_rows,
+                                                int64_t n_cols, int64_t ld, int64_t col0, const int64_t* target,
+                                                const float* row_weight, const float* row_max, const float* log_sum,
+                                                const float* row_scale, const unif2ace_d3diff_options* opts,
+                                                int device, void* stream);
 
 /* ---- Grouped MoE routing (unif2ace/moe.h) ---------------------------------------------------------------------- */
 /* Fused gating: logits [n_tokens, n_groups * n_experts]; group_ids [n_tokens]; token_mask [n_tokens] or NULL;
