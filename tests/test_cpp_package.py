@@ -551,6 +551,7 @@ def cuda_lib(tmp_path_factory):
     sigs = {
         "unif2ace_row_lse_target": [vp, i32, i64, i64, vp, i64, vp, vp],
         "unif2ace_softmax_onehot_grad": [vp, vp, i32, i64, i64, vp, vp, i64, vp, vp],
+        "unif2ace_d3diff_rows": [vp, vp, i32, i64, i64, i64, vp, vp, vp, ctypes.POINTER(D3DiffOptions), vp, vp, vp],
         "unif2ace_moe_sort_slots": [vp, i64, i64, vp, vp],
         "unif2ace_moe_invert_permutation": [vp, i64, vp],
         "unif2ace_moe_permute_rows": [vp, i32, i64, i64, i64, vp, i64, vp],
@@ -599,6 +600,12 @@ def test_c_abi_cuda_functions_match_cpu(cuda_lib):
     a, b = both("unif2ace_softmax_onehot_grad",
                 lambda d: [logits, torch.empty(n, k), 0, n, k, lse, target, -100, cs, co])
     torch.testing.assert_close(a[1], b[1], rtol=1e-5, atol=1e-6)
+    opts = D3DiffOptions(alpha=0.3, n_classes=k, ignore_index=-100, sedd=1, reserved=0)
+    w = torch.rand(n, generator=g) * 5
+    a, b = both("unif2ace_d3diff_rows", lambda d: [logits, logits.clone(), 0, n, k, k, target, w, cs,
+                                                   ctypes.byref(opts), torch.empty(n), torch.empty(n), torch.empty(n)])
+    for i in (1, 10, 11, 12):  # gradient, loss, row max, log-sum
+        torch.testing.assert_close(a[i], b[i], rtol=1e-5, atol=1e-6)
 
     t, groups, experts, top_k, hidden = 300, 2, 8, 4, 48
     ne = groups * experts
