@@ -159,8 +159,10 @@ def child(args) -> None:
     """Both builds in this process, called alternately: per workload, `repeat` pairs of timed calls."""
     import time
 
-    import torch  # noqa: F401
+    import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)  # also the kernels' OpenMP team (one libgomp)
     modules = {v: load_module(module_path(v), f"bench_{v}._C") for v in VARIANTS}
     out = {"cpu_isa": {v: m.cpu_isa() for v, m in modules.items()}, "times": {}}
     for name, make in workloads(args.quick).items():
@@ -185,7 +187,8 @@ def run_child(level: str, args) -> dict:
     env.pop("UNIF2ACE_CPU_ISA", None)
     if level != "auto":
         env["UNIF2ACE_CPU_ISA"] = level  # caps the portable build; the native one has a single copy
-    cmd = [sys.executable, "-m", "benchmarks.bench_cpu_isa", "--child", "--repeat", str(args.repeat)]
+    cmd = [sys.executable, "-m", "benchmarks.bench_cpu_isa", "--child", "--repeat", str(args.repeat), "--threads",
+           str(args.threads)]
     proc = subprocess.run(cmd + (["--quick"] if args.quick else []), capture_output=True, text=True, env=env,
                           cwd=ROOT)
     if proc.returncode != 0:
@@ -202,6 +205,9 @@ def main(argv=None):
     p.add_argument("--repeat", type=int, default=7, help="timed call pairs per workload and process")
     p.add_argument("--levels", default="auto", help="levels of the portable build to time: auto,avx2,baseline")
     p.add_argument("--quick", action="store_true", help="smaller shapes")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads (default: torch's); 1 keeps other processes on a shared machine from stalling a "
+                        "parallel region")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
     if args.child:
@@ -242,8 +248,9 @@ def main(argv=None):
         results.append({"workload": name, "native_s": native,
                         **{f"portable_{chosen[level]}_s": p for level, p in zip(levels, portable)},
                         **{f"ratio_{chosen[level]}": q for level, q in zip(levels, ratios)}})
+    threads = f"{args.threads} thread(s)" if args.threads else "torch's default threads"
     print(f"CPU kernels, portable build against -march=native, both loaded in each process and called alternately — "
-          f"{machine_line()}; {args.rounds} processes x {args.repeat} call pairs per workload; medians; ratio: "
+          f"{machine_line()}, {threads}; {args.rounds} processes x {args.repeat} call pairs per workload; medians; ratio: "
           f"median of the back-to-back pairs (torch {torch.__version__})")
     print(format_table(headers, rows))
     if args.json:
