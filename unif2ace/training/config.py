@@ -40,6 +40,8 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0             # 0 disables clipping
     precision: str = "auto"            # "auto" (bf16 autocast on CUDA with bf16, fp32 elsewhere), "bf16", "fp32"
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward (less memory)
+    compile_blocks: bool = False       # torch.compile the transformer blocks (one compilation shared by all blocks)
     seed: int = 0
 
     # --- bookkeeping ---
