@@ -1,5 +1,7 @@
 """Generation paths: the static-cache decoder and the MaskGIT loop against the plain loops (eager_generation), the
 block mask of flex_attention against the dense omni-attention mask, and the CUDA-graph paths on a GPU."""
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,6 +12,10 @@ from unif2ace.model.eager_generation import generate_images_eager, generate_text
 
 CFG = UniF2aceConfig.preset("tiny")
 N, K = CFG.num_image_tokens, CFG.codebook_size
+# The model-level CUDA tests exercise torch's code (graphs, compiled flex_attention), not this project's kernels:
+# they are left out of the compute-sanitizer pass (UNIF2ACE_SMALL=1), where they would take minutes.
+not_under_sanitizer = pytest.mark.skipif(os.environ.get("UNIF2ACE_SMALL") == "1",
+                                         reason="model-level CUDA test, not run under compute-sanitizer")
 
 
 def ragged_prompts(seed: int, lengths=(1, 6, 3)):
@@ -193,6 +199,7 @@ def test_flex_attention_matches_sdpa_on_the_model_masks():
 
 
 @pytest.mark.cuda
+@not_under_sanitizer
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_flex_attention_matches_sdpa_with_gradients(dtype):
     sdpa, flex = _flex_and_sdpa_models("cuda")
@@ -213,6 +220,7 @@ def test_cuda_flex_attention_matches_sdpa_with_gradients(dtype):
 # CUDA: graphs against eager, the same tokens
 # ----------------------------------------------------------------------------------------------------------
 @pytest.mark.cuda
+@not_under_sanitizer
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_graphs_give_the_same_tokens(dtype):
     torch.manual_seed(0)
@@ -228,6 +236,7 @@ def test_cuda_graphs_give_the_same_tokens(dtype):
 
 
 @pytest.mark.cuda
+@not_under_sanitizer
 def test_cuda_matches_the_plain_loops_with_sdpa():
     torch.manual_seed(0)
     model = UniF2aceModel(CFG.replace(attention="sdpa")).cuda()
@@ -239,6 +248,7 @@ def test_cuda_matches_the_plain_loops_with_sdpa():
 
 
 @pytest.mark.cuda
+@not_under_sanitizer
 def test_cuda_graph_recording_of_a_syncing_step_falls_back():
     from unif2ace.model.graphs import GraphedCall
 
