@@ -105,6 +105,8 @@ def _flex_attention(q: Tensor, k: Tensor, v: Tensor, block_mask) -> Tensor:
     global _compiled_flex
     from torch.nn.attention.flex_attention import flex_attention
 
+    if torch.compiler.is_compiling():  # inside compiled blocks: the enclosing compilation fuses it
+        return flex_attention(q, k, v, block_mask=block_mask)
     if q.device.type == "cuda":
         if _compiled_flex is None:
             _compiled_flex = torch.compile(flex_attention, dynamic=True)
@@ -121,16 +123,8 @@ def flex_available(device: torch.device) -> bool:
     key = str(device)
     if key not in _flex_checked:
         try:
-            from torch.nn.attention.flex_attention import create_block_mask
-
-            g = torch.Generator(device=device).manual_seed(0)
-            q, k, v = (torch.randn(2, 2, 200, 64, device=device, generator=g, dtype=torch.bfloat16).requires_grad_()
-                       for _ in range(3))
-            causal = create_block_mask(lambda b, h, i, j: j <= i, None, None, 200, 200, device=device)
-            out = _flex_attention(q, k, v, causal)
-            out.float().sum().backward()
-            ref = F.scaled_dot_product_attention(q.detach(), k.detach(), v.detach(), is_causal=True)
-            ok = bool(torch.allclose(out.detach().float(), ref.float(), atol=2e-2, rtol=2e-2)) and q.grad is not None
+            with torch.inference_mode(False), torch.enable_grad():  # the caller may be generating under no_grad
+                ok = _check_flex(device)
             if not ok:
                 warnings.warn("flex_attention disagrees with SDPA on this device; attention='auto' uses SDPA")
         except Exception as e:  # any failure of the compiler stack means: do not use it
@@ -139,6 +133,19 @@ def flex_available(device: torch.device) -> bool:
             ok = False
         _flex_checked[key] = ok
     return _flex_checked[key]
+
+
+def _check_flex(device: torch.device) -> bool:
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    g = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 200, 64, device=device, generator=g, dtype=torch.bfloat16).requires_grad_()
+               for _ in range(3))
+    causal = create_block_mask(lambda b, h, i, j: j <= i, None, None, 200, 200, device=device)
+    out = _flex_attention(q, k, v, causal)
+    out.float().sum().backward()
+    ref = F.scaled_dot_product_attention(q.detach(), k.detach(), v.detach(), is_causal=True)
+    return bool(torch.allclose(out.detach().float(), ref.float(), atol=2e-2, rtol=2e-2)) and q.grad is not None
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -228,7 +228,12 @@ class UniF2aceModel(nn.Module):
 
     def compile_blocks(self, **compile_kwargs) -> None:
         """torch.compile every transformer block in place (the blocks share their code, so one compilation serves
-        all of them); `compile_kwargs` go to torch.compile."""
+        all of them); `compile_kwargs` go to torch.compile. Inductor is set to draw random numbers with torch's own
+        generator (`fallback_random`), so the Noise expert draws the same noise compiled or not: compiling changes
+        the step's speed, not what it computes."""
+        import torch._inductor.config as inductor_config
+
+        inductor_config.fallback_random = True
         for block in self.layers:
             block.compile(**compile_kwargs)
 
