@@ -116,10 +116,11 @@ __device__ int64_t draw_row(int64_t K, float m, uint64_t r64, ValueFn value, Kee
 // to 4096, 8192, 16384), each holding kItems = 32 consecutive guided, tempered values in registers. The logits are
 // read once, with 16-byte loads (8 bf16/fp16 or 4 fp32 per load) when the rows are 16-byte aligned, and enough
 // rows are in flight to cover the memory latency (one row per block of 128-512 threads, or four rows per block at
-// one warp each; at most 128 registers per thread, so at least 2048 threads per SM). Then, without touching memory again: the row maximum, each thread's
-// integer masses summed per group of 8 values, an exclusive scan of the thread sums (thread order = index order)
-// to locate the thread whose range holds u, and in that thread the group, then the value. The arithmetic per value
-// is the CPU kernel's, so the token and confidence are bit-identical to it.
+// one warp each; at most 128 registers per thread, so 16 warps per SM). Then, without touching memory again: the
+// row maximum, each thread's integer masses summed per group of 8 values, an exclusive scan of the thread sums
+// (thread order = index order) to locate the thread whose range holds u, and in that thread the group, then the
+// value. The arithmetic per value is the CPU kernel's (see mass_fast), so the token and confidence are
+// bit-identical to it.
 constexpr int kItems = 32;
 constexpr int kGroup = 8;
 constexpr int kGroups = kItems / kGroup;
@@ -167,6 +168,48 @@ struct Vec16<f16_t> {
   }
 };
 
+// mass_at with fewer instructions, bit-identical to it (the kernel is bound by instruction issue as much as by
+// memory): repro::exp_nonpos gets its power of two from the bits of t = 1.5·2^23 + n (t lies in [2^23, 2^24), so
+// bits(t) = 0x4B400000 + n exactly) instead of a float-to-int conversion, and folds the 2^30 of the mass into it
+// (p·2^n·2^30 is exact either way: a normal number times powers of two); rint-then-convert becomes one rounding
+// conversion (__float2int_rn: to nearest, ties to even, like rintf). Conversions issue at a quarter of the rate of
+// FMAs or less, so this saves two of three per value.
+__device__ __forceinline__ uint32_t mass_fast(float z, float m) {
+  const float xc = fmaxf(__fsub_rn(z, m), -32.0f);  // z <= m, never NaN here: as `x < -32 ? -32 : x`
+  const float t = fmaf(xc, 1.44269504088896341f, 12582912.0f);
+  const float n = __fsub_rn(t, 12582912.0f);
+  float r = fmaf(n, -0.693359375f, xc);
+  r = fmaf(n, 2.12194440e-4f, r);
+  float q = 1.9875691500e-4f;
+  q = fmaf(q, r, 1.3981999507e-3f);
+  q = fmaf(q, r, 8.3334519073e-3f);
+  q = fmaf(q, r, 4.1665795894e-2f);
+  q = fmaf(q, r, 1.6666665459e-1f);
+  q = fmaf(q, r, 5.0000001201e-1f);
+  q = fmaf(q, __fmul_rn(r, r), r);
+  q = __fadd_rn(q, 1.0f);
+  const float scale30 = bits_to_float((float_to_bits(t) - 0x4B400000u + 127u + 30u) << 23);  // 2^(n + 30)
+  return static_cast<uint32_t>(__float2int_rn(__fmul_rn(q, scale30)));
+}
+
+// max that propagates NaN (PTX max.NaN, sm_80+): one instruction per value finds the maximum and flags NaN; a row
+// is bad (NaN, +inf or all -inf) exactly when this maximum is NaN, +inf or -inf.
+__device__ __forceinline__ float max_nan(float a, float b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  float d;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(d) : "f"(a), "f"(b));
+  return d;
+#else
+  return (a != a || b != b) ? __int_as_float(0x7fffffff) : fmaxf(a, b);
+#endif
+}
+
+__device__ __forceinline__ float warp_max_nan(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = max_nan(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
 __device__ __forceinline__ float guide(float c, float u, bool guided, float g, float inv_t) {
   return guided ? __fmul_rn(fmaf(g, __fsub_rn(c, u), c), inv_t) : __fmul_rn(c, inv_t);
 }
@@ -179,7 +222,6 @@ __global__ void __launch_bounds__(RowShape<kRowThreads>::kBlock, 4 * 128 / RowSh
   constexpr int kVec = kVector ? Vec16<T>::n : 1;
   constexpr int kRowWarps = Shape::kWarpsPerRow;
   __shared__ float s_max[kRowWarps];
-  __shared__ int s_bad[kRowWarps];
   __shared__ uint64_t s_sum[kRowWarps];
   __shared__ uint64_t s_r64;
   const int t = threadIdx.x % kRowThreads;  // this thread's place in its row
@@ -199,10 +241,9 @@ __global__ void __launch_bounds__(RowShape<kRowThreads>::kBlock, 4 * 128 / RowSh
     const T* crow = cond + i * K;
     const T* urow = guided ? uncond + i * K : nullptr;
 
-    // 1. Load (each logit once), guide and temper; running maximum; NaN / +inf flag.
+    // 1. Load (each logit once), guide and temper; the maximum (NaN if any value is NaN).
     float z[kItems];
     float m = -INFINITY;
-    int bad = 0;
 #pragma unroll
     for (int j = 0; j < kItems; j += kVec) {
       const int64_t k = begin + j;
@@ -219,25 +260,22 @@ __global__ void __launch_bounds__(RowShape<kRowThreads>::kBlock, 4 * 128 / RowSh
         for (int v = 0; v < kVec; ++v) {
           const float zv = guide(c[v], guided ? u[v] : 0.0f, guided, p.guidance_scale, p.inv_temperature);
           z[j + v] = zv;
-          m = fmaxf(m, zv);
-          bad |= (zv != zv) | (zv == INFINITY);
+          m = max_nan(m, zv);
         }
       } else {
 #pragma unroll
         for (int v = 0; v < kVec; ++v) z[j + v] = -INFINITY;  // mass 0, never drawn
       }
     }
-    m = cuda::warp_reduce_max(m);
-    bad = __any_sync(0xffffffffu, bad);
+    m = warp_max_nan(m);
     if constexpr (kRowWarps > 1) {
-      if (lane == 0) s_max[warp] = m, s_bad[warp] = bad;
+      if (lane == 0) s_max[warp] = m;
       __syncthreads();
       m = s_max[0];
-      bad = s_bad[0];
 #pragma unroll
-      for (int w = 1; w < kRowWarps; ++w) m = fmaxf(m, s_max[w]), bad |= s_bad[w];
+      for (int w = 1; w < kRowWarps; ++w) m = max_nan(m, s_max[w]);
     }
-    if (bad || !(m > -INFINITY)) {
+    if (!(m > -INFINITY && m < INFINITY)) {  // NaN, +inf, or nothing but -inf
       if (t == 0) sampled[i] = 0, confidence[i] = -INFINITY;
       if constexpr (kRowWarps > 1) __syncthreads();  // s_max is rewritten by the next row
       continue;
@@ -250,7 +288,7 @@ __global__ void __launch_bounds__(RowShape<kRowThreads>::kBlock, 4 * 128 / RowSh
     for (int gi = 0; gi < kGroups; ++gi) {
       uint64_t gs = 0;
 #pragma unroll
-      for (int v = 0; v < kGroup; ++v) gs += mass_at(z[gi * kGroup + v], m);
+      for (int v = 0; v < kGroup; ++v) gs += mass_fast(z[gi * kGroup + v], m);
       group_sum[gi] = gs;
       local += gs;
     }
@@ -296,7 +334,7 @@ __global__ void __launch_bounds__(RowShape<kRowThreads>::kBlock, 4 * 128 / RowSh
         if (found < 0 && run + group_sum[gi] > target) {
 #pragma unroll
           for (int v = 0; v < kGroup; ++v) {
-            run += mass_at(z[gi * kGroup + v], m);
+            run += mass_fast(z[gi * kGroup + v], m);
             if (found < 0 && run > target) found = gi * kGroup + v, zx = z[gi * kGroup + v];
           }
         } else if (found < 0) {
