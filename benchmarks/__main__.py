@@ -44,15 +44,17 @@ BENCHMARKS = {
                    ["--device", "cuda", "--presets", "small,medium", "--variants", "reference,kernels,kernels+recompute"]),
     # Generation: decode tokens/s and first-token latency (8 rows with an image), images/s for 1, 8, 32 prompts
     # (18 steps, guidance 3); the paper preset in bf16 on the GPU, the small preset on the CPU.
-    "generate": ("benchmarks.bench_generate", [], ["--preset", "tiny", "--repeat", "1"], ["--device", "cuda"]),
+    "generate": ("benchmarks.bench_generate", [], ["--preset", "tiny", "--repeat", "1"],
+                 ["--device", "cuda", "--repeat", "1"]),
     # The paper preset at 16,296 real tokens per step (56 rows): tokens/s, peak memory and MFU; then 20 steps of the
-    # faster step against the plain one (losses within bf16 rounding). GPU only.
+    # faster step against the plain one (losses within bf16 rounding). GPU only. (Compiled blocks add ~1 min of
+    # compilation per process: `--variants kernels,kernels+flex+fused+compile` measures them.)
     "train_paper": ("benchmarks.bench_model_step", None, None,
                     ["--device", "cuda", "--presets", "paper", "--batch", "56", "--no-largest", "--repeat", "2",
                      "--variants", "reference,kernels,kernels+flex+fused"]),
     "train_loss": ("benchmarks.bench_model_step", None, None,
                    ["--device", "cuda", "--presets", "medium", "--batch", "16", "--loss-check", "20",
-                    "--variants", "kernels,kernels+flex+fused+compile"]),
+                    "--variants", "kernels,kernels+flex+fused"]),
 }
 
 
