@@ -1,6 +1,7 @@
 """Speed and memory options of a training step (activation checkpointing, the fused AdamW) compute the same step as
-the plain one. Compiled blocks and flex_attention on CUDA: the train_loss section of `python -m benchmarks --gpu`
-(20 steps against the plain step) and tests/test_model_generation.py."""
+the plain one. flex_attention with gradients on CUDA: tests/test_model_generation.py; the faster CUDA step over 20
+steps against the plain one: the train_loss section of `python -m benchmarks --gpu` (compiled blocks the same way:
+`python -m benchmarks.bench_model_step --device cuda --loss-check 20 --variants kernels,kernels+flex+fused+compile`)."""
 import os
 
 import pytest

@@ -462,7 +462,7 @@ class UniF2aceModel(nn.Module):
                       temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
                       image_codes: Optional[Tensor] = None, images: Optional[Tensor] = None,
                       embeddings: Optional[dict] = None, cuda_graphs: bool = True,
-                      eot_check_every: int = 8) -> list[list[int]]:
+                      eot_check_every: Optional[int] = None) -> list[list[int]]:
         """Understanding: continues each prefix until <|eot|> or max_new_tokens; returns the new token ids per row
         (without the <|eot|>).
 
@@ -476,15 +476,18 @@ class UniF2aceModel(nn.Module):
 
         Decoding uses a preallocated KV cache (StaticKVCache): a step writes its keys in place at a position held on
         the device, so no step reads anything back to the host. The host asks whether every row has emitted
-        <|eot|> only every `eot_check_every` steps (rows that finished emit padding meanwhile, which is cut off),
-        and on CUDA the step is recorded once as a CUDA graph and replayed per token (cuda_graphs=True; False runs
-        it eagerly; ignored on the CPU). The tokens are the same either way.
+        <|eot|> only every `eot_check_every` steps (default: 8 on CUDA, where each check waits for the GPU; 1 on
+        the CPU, where it costs nothing; rows that finished emit padding meanwhile, which is cut off), and on CUDA
+        the step is recorded once as a CUDA graph and replayed per token (cuda_graphs=True; False runs it eagerly;
+        ignored on the CPU). The tokens are the same either way.
         """
-        if not isinstance(eot_check_every, int) or eot_check_every < 1:
-            raise ValueError(f"eot_check_every: must be a positive int, got {eot_check_every!r}")
         c = self.config
         ids, real = self._pad_left(self._text_rows(prefix_ids, image_codes))
         B, P = ids.shape
+        if eot_check_every is None:
+            eot_check_every = 8 if ids.device.type == "cuda" else 1
+        if not isinstance(eot_check_every, int) or isinstance(eot_check_every, bool) or eot_check_every < 1:
+            raise ValueError(f"eot_check_every: must be a positive int, got {eot_check_every!r}")
         if P + max_new_tokens > c.max_position_embeddings:
             raise ValueError(f"prefix {P} + {max_new_tokens} new tokens exceed {c.max_position_embeddings} positions")
         if max_new_tokens <= 0:
