@@ -164,6 +164,12 @@ def _mixed_layout():
     return build_batch(CFG, understanding=und, generation=gen, generator=g)
 
 
+def test_flex_availability_check_passes_where_flex_runs():
+    from unif2ace.model.attention import flex_available
+
+    assert flex_available(torch.device("cpu"), backward=False)  # the CPU's eager flex_attention, forward only
+
+
 def test_block_mask_rule_equals_the_dense_mask():
     batch = _mixed_layout()
     ids, real = batch["input_ids"], batch["padding_mask"]

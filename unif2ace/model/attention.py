@@ -116,15 +116,16 @@ def _flex_attention(q: Tensor, k: Tensor, v: Tensor, block_mask) -> Tensor:
         return flex_attention(q, k, v, block_mask=block_mask)
 
 
-def flex_available(device: torch.device) -> bool:
-    """Whether compiled flex_attention works on `device` (checked once per process: a small forward and backward
-    with the omni block mask against SDPA). False, with a warning, where it fails (no Triton, an unsupported GPU), so that
-    attention="auto" falls back to SDPA instead of failing."""
-    key = str(device)
+def flex_available(device: torch.device, backward: bool = True) -> bool:
+    """Whether compiled flex_attention works on `device` (checked once per process: the model's own path, the
+    omni block mask on a small batch, against SDPA; with `backward`, its gradient too). False, with a warning, where
+    it fails (no Triton, an unsupported GPU), so that attention="auto" falls back to SDPA instead of failing. A
+    forward-only check (generation) compiles what generation then reuses."""
+    key = (str(device), backward)
     if key not in _flex_checked:
         try:
-            with torch.inference_mode(False), torch.enable_grad():  # the caller may be generating under no_grad
-                ok = _check_flex(device)
+            with torch.inference_mode(False), torch.set_grad_enabled(backward):
+                ok = _check_flex(device, backward)
             if not ok:
                 warnings.warn("flex_attention disagrees with SDPA on this device; attention='auto' uses SDPA")
         except Exception as e:  # any failure of the compiler stack means: do not use it
@@ -135,22 +136,22 @@ def flex_available(device: torch.device) -> bool:
     return _flex_checked[key]
 
 
-def _check_flex(device: torch.device) -> bool:
-    """flex_attention with the omni block mask against SDPA with the dense mask, forward and backward, on a small
-    batch with an image block and left padding (the code path the model takes)."""
+def _check_flex(device: torch.device, backward: bool) -> bool:
     L, soi, eoi = 200, 1, 2
     ids = torch.full((2, L), 5, dtype=torch.long, device=device)
     ids[0, 50], ids[0, 120], ids[1, 100], ids[1, 180] = soi, eoi, soi, eoi
     real = torch.ones(2, L, dtype=torch.bool, device=device)
     real[1, :30] = False
     g = torch.Generator(device=device).manual_seed(0)
-    q, k, v = (torch.randn(2, 2, L, 64, device=device, generator=g, dtype=torch.bfloat16).requires_grad_()
+    q, k, v = (torch.randn(2, 2, L, 64, device=device, generator=g, dtype=torch.bfloat16).requires_grad_(backward)
                for _ in range(3))
     out = _flex_attention(q, k, v, omni_block_mask(ids, real, soi, eoi))
-    out.float().sum().backward()
+    if backward:
+        out.float().sum().backward()
     ref = F.scaled_dot_product_attention(q.detach().float(), k.detach().float(), v.detach().float(),
                                          attn_mask=omni_attention_mask(ids, real, soi, eoi))
-    return bool(torch.allclose(out.detach().float(), ref, atol=3e-2, rtol=3e-2)) and q.grad is not None
+    close = bool(torch.allclose(out.detach().float(), ref, atol=3e-2, rtol=3e-2))
+    return close and (not backward or (q.grad is not None and bool(torch.isfinite(q.grad).all())))
 
 
 # ----------------------------------------------------------------------------------------------------------

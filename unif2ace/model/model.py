@@ -211,7 +211,7 @@ class UniF2aceModel(nn.Module):
             return False
         if c.attention == "flex":
             return True
-        return device.type == "cuda" and flex_available(device)
+        return device.type == "cuda" and flex_available(device, backward=torch.is_grad_enabled())
 
     def attention_mask(self, input_ids: Tensor, padding_mask: Tensor):
         """The omni-attention mask of a batch in the form the attention kernel takes: a flex_attention BlockMask
