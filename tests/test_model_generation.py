@@ -25,6 +25,15 @@ def ragged_prompts(seed: int, lengths=(1, 6, 3)):
     return prompts, codes
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one thread is as fast on an idle machine and much faster on a busy one. Restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
@@ -59,7 +68,7 @@ def test_generate_text_rows_finishing_at_different_steps(model):
     try:
         want = generate_text_eager(model, prompts, **kw)
         assert len({len(r) for r in want}) == 4 and max(len(r) for r in want) < 15, want  # all stop, at 4 steps
-        for every in (1, 3, 8, 100):
+        for every in (1, 3, 100):
             assert model.generate_text(prompts, eot_check_every=every, **kw) == want
     finally:
         with torch.no_grad():
