@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from unif2ace.data.synthetic import synthetic_images, write_synthetic_dataset
-from unif2ace.tokenizers import ImageTokenizer, ImageTokenizerConfig, TrainConfig, psnr, train_image_tokenizer
+from unif2ace.tokenizers import ImageTokenizer, ImageTokenizerConfig, ImageTokenizerTrainConfig, psnr, train_image_tokenizer
 
 
 def to_pil(x: torch.Tensor) -> Image.Image:
@@ -44,7 +44,7 @@ def main():
 
     cfg = ImageTokenizerConfig()
     t = time.time()
-    model, hist = train_image_tokenizer(train, cfg, steps=100_000, train=TrainConfig(batch_size=args.batch_size, log_every=50),
+    model, hist = train_image_tokenizer(train, cfg, steps=100_000, train=ImageTokenizerTrainConfig(batch_size=args.batch_size, log_every=50),
                                         max_seconds=args.seconds, progress=True)
     train_time = time.time() - t
     steps = hist[-1]["step"] + 1

@@ -152,9 +152,18 @@ inline void expect_same_device(const View& a, const View& b) {
     fail(b.name + ": must be on the same device as " + a.name);
 }
 
+// A host allocation in the core failed; the module's exception translator (bindings.cpp) raises it as
+// Python's MemoryError with this message.
+struct OutOfMemory : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// Safe to call with the GIL released: it only throws C++ exceptions, which pybind11 translates once the GIL is
+// held again.
 inline void raise_if_error(const Status& s) {
   if (s.ok()) return;
   if (s.code == Status::kInvalidArgument) throw py::value_error(s.message);
+  if (s.code == Status::kOutOfMemory) throw OutOfMemory(s.message);
   throw std::runtime_error(s.message);
 }
 

@@ -2,11 +2,26 @@
 // points from its own csrc/bind_<family>.cpp.
 #include <pybind11/pybind11.h>
 
+#include <exception>
+#include <new>
+
 #include "bind_util.h"
 #include "unif2ace/device.h"
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "unif2ace C++/CUDA kernels (torch-free core; tensors arrive as DLPack capsules)";
+  // Every entry point raises a Python exception and never aborts: a core Status becomes ValueError,
+  // MemoryError (OutOfMemory) or RuntimeError; a std::bad_alloc thrown outside an OpenMP region becomes
+  // MemoryError, and pybind11 turns any other std::exception into RuntimeError.
+  pybind11::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const unif2ace::bind::OutOfMemory& e) {
+      PyErr_SetString(PyExc_MemoryError, e.what());
+    } catch (const std::bad_alloc&) {
+      PyErr_SetString(PyExc_MemoryError, "unif2ace: out of memory (a host allocation in the C++ core failed)");
+    }
+  });
 #ifdef UNIF2ACE_WITH_CUDA
   m.attr("with_cuda") = true;
 #else

@@ -1,4 +1,4 @@
-"""Show-o import on a fabricated tiny checkpoint in Show-o's key layout (showo.md §7)."""
+"""Show-o import on a fabricated tiny checkpoint in Show-o's key layout (huggingface.co/showlab/show-o)."""
 import json
 import math
 
@@ -40,7 +40,7 @@ def fabricate_showo(directory):
 
 
 def phi_reference_logits(state, ids, allowed):
-    """Show-o's dense Phi forward (showo.md §1.1), written out independently: one shared pre-LayerNorm,
+    """Show-o's dense Phi forward (Phi-1.5 with QK-LayerNorm), written out independently: one shared pre-LayerNorm,
     parallel attention + MLP, QK-LayerNorm before partial rotary (first half of each head), lm_head."""
     L = ids.shape[0]
     heads, rot = HIDDEN // HEAD_DIM, HEAD_DIM // 2

@@ -7,7 +7,7 @@ import torch
 from tokenizers import AddedToken
 
 from unif2ace.data.synthetic import generate_sample, synthetic_images
-from unif2ace.tokenizers import (ImageTokenizer, ImageTokenizerConfig, TextTokenizer, TrainConfig, VocabLayout,
+from unif2ace.tokenizers import (ImageTokenizer, ImageTokenizerConfig, ImageTokenizerTrainConfig, TextTokenizer, VocabLayout,
                                  load_magvit2, mmu_batch, mmu_prompt, save_magvit2, t2i_batch, t2i_prompt,
                                  train_image_tokenizer)
 from unif2ace.tokenizers.prompts import IGNORE_INDEX
@@ -271,7 +271,7 @@ def test_tiny_tokenizer_learns():
     train = synthetic_images(96, 16, seed=0)
     held = synthetic_images(32, 16, seed=1)
     cfg = ImageTokenizerConfig(**{**TINY, "code_bits": 8})
-    model, hist = train_image_tokenizer(train, cfg, steps=120, train=TrainConfig(batch_size=16, warmup_steps=5, log_every=20),
+    model, hist = train_image_tokenizer(train, cfg, steps=120, train=ImageTokenizerTrainConfig(batch_size=16, warmup_steps=5, log_every=20),
                                         progress=False)
     assert hist[-1]["recon"] < 0.7 * hist[0]["recon"]
     recon = model.decode(model.encode(held))

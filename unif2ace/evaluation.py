@@ -30,9 +30,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from unif2ace.data import SCHEMA
+from unif2ace.progress import progress_bar
 from unif2ace.training.data import caption_attributes, mentions, normalize_answer, short_caption
 
 ATTRIBUTES = list(SCHEMA)
@@ -98,7 +98,7 @@ def train_attribute_classifier(images: Tensor, labels: Tensor, *, steps: int = 6
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     g = torch.Generator().manual_seed(seed)
     model.train()
-    bar = tqdm(range(steps), desc="attribute classifier", disable=not progress)
+    bar = progress_bar(range(steps), desc="attribute classifier", disable=not progress)
     for _ in bar:
         idx = torch.randint(0, images.shape[0], (batch_size,), generator=g)
         x, y = images[idx], labels[idx]
@@ -243,7 +243,7 @@ def evaluate(pipe, data_dir: str, *, out_dir: Optional[str] = None, classifier: 
     gen_idx, ref_idx = order[:n], order[n:2 * n]
     prompts = [short_caption(test_records[i]["attributes"]) for i in gen_idx]
     gen = []
-    for i in tqdm(range(0, n, batch_size), desc="eval: generate", disable=not progress):
+    for i in progress_bar(range(0, n, batch_size), desc="eval: generate", disable=not progress):
         codes = pipe.generate_codes(prompts[i:i + batch_size], steps=steps, guidance_scale=guidance_scale,
                                     seed=seed + i)
         gen.append(pipe.decode_codes(codes).cpu())
@@ -263,7 +263,7 @@ def evaluate(pipe, data_dir: str, *, out_dir: Optional[str] = None, classifier: 
     random.Random(seed + 1).shuffle(items)
     items = items[:num_vqa]
     answers = []
-    for k in tqdm(range(0, len(items), batch_size), desc="eval: answer", disable=not progress):
+    for k in progress_bar(range(0, len(items), batch_size), desc="eval: answer", disable=not progress):
         chunk = items[k:k + batch_size]
         answers += pipe.answer_batch(test_images[[i for i, _ in chunk]], [q["question"] for _, q in chunk],
                                      max_new_tokens=16)
@@ -277,7 +277,7 @@ def evaluate(pipe, data_dir: str, *, out_dir: Optional[str] = None, classifier: 
     # --- captions ---
     cap_idx = order[:min(num_captions, len(order))]
     captions = []
-    for k in tqdm(range(0, len(cap_idx), batch_size), desc="eval: caption", disable=not progress):
+    for k in progress_bar(range(0, len(cap_idx), batch_size), desc="eval: caption", disable=not progress):
         chunk = cap_idx[k:k + batch_size]
         captions += pipe.answer_batch(test_images[chunk], ["Describe the face."] * len(chunk), max_new_tokens=48)
     recall = [mentions(c, test_records[i]["attributes"]) for c, i in zip(captions, cap_idx)]

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "unif2ace/cpu_math.h"
+#include "unif2ace/cpu_scratch.h"
 #include "unif2ace/moe.h"
 
 namespace unif2ace {
@@ -79,11 +80,16 @@ void gate_forward(const T* logits, int64_t n_tokens, int64_t n_groups, int64_t n
   std::vector<A> part_probs(static_cast<size_t>(n_chunks * ne), A(0));
   std::vector<int64_t> part_counts(static_cast<size_t>(n_chunks * ne), 0);
   std::vector<int64_t> part_groups(static_cast<size_t>(n_chunks * n_groups), 0);
+  // Scratch allocated outside the region: a std::bad_alloc inside it would terminate the process.
+  const int threads = cpu::max_threads();
+  const cpu::ThreadScratch<A> logit_s(threads, n_experts), p_s(threads, n_experts);
+  const cpu::ThreadScratch<uint8_t> taken_s(threads, n_experts);
+  const cpu::ThreadScratch<int64_t> sel_s(threads, top_k);
 #pragma omp parallel if (n_chunks > 1)
   {
-    std::vector<A> logit(n_experts), p(n_experts);
-    std::vector<uint8_t> taken(n_experts);
-    std::vector<int64_t> sel(top_k);
+    A *const logit = logit_s.mine(), *const p = p_s.mine();
+    uint8_t* const taken = taken_s.mine();
+    int64_t* const sel = sel_s.mine();
 #pragma omp for schedule(static)
     for (int64_t c = 0; c < n_chunks; ++c) {
       A* probs_c = part_probs.data() + c * ne;
@@ -92,8 +98,7 @@ void gate_forward(const T* logits, int64_t n_tokens, int64_t n_groups, int64_t n
       const int64_t end = std::min(n_tokens, (c + 1) * kGateChunk);
       for (int64_t t = c * kGateChunk; t < end; ++t) {
         const int64_t g = group_ids[t];
-        softmax_topk(logits + t * ne + g * n_experts, n_experts, top_k, logit.data(), p.data(), taken.data(),
-                     sel.data());
+        softmax_topk(logits + t * ne + g * n_experts, n_experts, top_k, logit, p, taken, sel);
         A chosen = 0;
         for (int64_t j = 0; j < top_k; ++j) chosen += p[sel[j]];
         const A scale = renormalize ? A(1) / chosen : A(1);
@@ -131,19 +136,22 @@ void gate_backward(const T* logits, int64_t n_tokens, int64_t n_groups, int64_t 
                    const int64_t* group_ids, const uint8_t* token_mask, bool renormalize, const int64_t* expert_ids,
                    const int64_t* group_counts, const A* grad_gates, const A* grad_prob_mean, T* grad_logits) {
   const int64_t ne = n_groups * n_experts;
+  const int threads = cpu::max_threads();
+  const cpu::ThreadScratch<A> logit_s(threads, n_experts), p_s(threads, n_experts), dp_s(threads, n_experts);
+  const cpu::ThreadScratch<uint8_t> taken_s(threads, n_experts);
+  const cpu::ThreadScratch<int64_t> sel_s(threads, top_k);
 #pragma omp parallel if (n_tokens * ne > kParallelWork)
   {
-    std::vector<A> logit(n_experts), p(n_experts), dp(n_experts);
-    std::vector<uint8_t> taken(n_experts);
-    std::vector<int64_t> sel(top_k);
+    A *const logit = logit_s.mine(), *const p = p_s.mine(), *const dp = dp_s.mine();
+    uint8_t* const taken = taken_s.mine();
+    int64_t* const sel = sel_s.mine();
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < n_tokens; ++t) {
       const int64_t g = group_ids[t];
       T* out = grad_logits + t * ne;
       const T zero = narrow<T>(A(0));
       for (int64_t c = 0; c < ne; ++c) out[c] = zero;
-      softmax_topk(logits + t * ne + g * n_experts, n_experts, top_k, logit.data(), p.data(), taken.data(),
-                   sel.data());
+      softmax_topk(logits + t * ne + g * n_experts, n_experts, top_k, logit, p, taken, sel);
       for (int64_t e = 0; e < n_experts; ++e) dp[e] = 0;
       if (grad_gates != nullptr) {
         const A* gg = grad_gates + t * top_k;
@@ -174,16 +182,17 @@ void gate_backward(const T* logits, int64_t n_tokens, int64_t n_groups, int64_t 
 template <typename T, typename A = typename Acc<T>::type>
 void unpermute_sum(const T* rows, int64_t n_tokens, int64_t hidden, int64_t top_k, const int64_t* slot_pos,
                    const A* weights, T* out) {
+  const cpu::ThreadScratch<A> acc_s(cpu::max_threads(), hidden);
 #pragma omp parallel if (n_tokens * top_k * hidden > kParallelWork)
   {
-    std::vector<A> acc(hidden);
+    A* const acc = acc_s.mine();
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < n_tokens; ++t) {
       for (int64_t h = 0; h < hidden; ++h) acc[h] = 0;
       for (int64_t j = 0; j < top_k; ++j) {
         const T* row = rows + slot_pos[t * top_k + j] * hidden;
         const A w = weights != nullptr ? weights[t * top_k + j] : A(1);
-        A* a = acc.data();
+        A* a = acc;
 #pragma omp simd
         for (int64_t h = 0; h < hidden; ++h) a[h] += w * widen(row[h]);
       }

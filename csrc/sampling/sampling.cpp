@@ -4,19 +4,21 @@
 // nor on the schedule. A row's logits are read once into a per-thread fp32 buffer (guidance and temperature
 // applied on the way, with the maximum); everything after that runs on the buffer in L1/L2: one vectorised
 // pass computes the integer masses and their exact sum, and a short search finds the drawn token.
+// The per-thread buffers are allocated before each parallel region (cpu_scratch.h), so a failed allocation
+// becomes Status::kOutOfMemory instead of terminating the process.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
 #include <string>
 #include <type_traits>
-#include <vector>
 
 #if defined(__F16C__)
 #include <immintrin.h>
 #endif
 
 #include "row_draw.h"
+#include "unif2ace/cpu_scratch.h"
 #include "unif2ace/philox.h"
 #include "unif2ace/sampling.h"
 
@@ -131,11 +133,14 @@ Status maskgit_typed(const T* cond, const T* uncond, const int64_t* tokens, cons
                              std::to_string(p.mask_id) + ")");
   }
   int64_t first_bad = std::numeric_limits<int64_t>::max();
-#pragma omp parallel
+  const int team = cpu::team_size(rows);
+  const cpu::ThreadScratch<float> bufs(team, K), tmps(team, std::is_same_v<T, f16_t> && uncond != nullptr ? K : 0);
+  const cpu::ThreadScratch<uint32_t> qs(team, K);
+#pragma omp parallel num_threads(team)
   {
-    std::vector<float> buf(static_cast<size_t>(K));
-    std::vector<float> tmp(std::is_same_v<T, f16_t> && uncond != nullptr ? static_cast<size_t>(K) : 0);
-    std::vector<uint32_t> q(static_cast<size_t>(K));
+    float* const buf = bufs.mine();
+    float* const tmp = tmps.mine();
+    uint32_t* const q = qs.mine();
 #pragma omp for schedule(dynamic, 4)
     for (int64_t i = 0; i < rows; ++i) {
       if (tokens[i] != p.mask_id) {
@@ -145,7 +150,7 @@ Status maskgit_typed(const T* cond, const T* uncond, const int64_t* tokens, cons
       }
       int bad = 0;
       const float m = load_any_row(cond + i * K, uncond ? uncond + i * K : nullptr, p.guidance_scale,
-                                   p.inv_temperature, K, buf.data(), tmp.data(), &bad);
+                                   p.inv_temperature, K, buf, tmp, &bad);
       const philox::Block blk = philox::stream_block(p.seed, p.offset, static_cast<uint64_t>(i));
       if (bad) {
         sampled[i] = 0;
@@ -154,8 +159,8 @@ Status maskgit_typed(const T* cond, const T* uncond, const int64_t* tokens, cons
         first_bad = std::min(first_bad, i);
         continue;
       }
-      const uint64_t total = masses(buf.data(), K, m, q.data());
-      const int64_t x = find_prefix(q.data(), K, philox::mulhi64(philox::block_uniform64(blk), total));
+      const uint64_t total = masses(buf, K, m, q);
+      const int64_t x = find_prefix(q, K, philox::mulhi64(philox::block_uniform64(blk), total));
       const float logp = (buf[x] - m) - detail::log_norm(total);
       sampled[i] = x;
       confidence[i] = fmaf(p.noise_scale, philox::block_gumbel(blk), logp);
@@ -164,12 +169,14 @@ Status maskgit_typed(const T* cond, const T* uncond, const int64_t* tokens, cons
   if (first_bad != std::numeric_limits<int64_t>::max())
     return Status::Invalid("cond_logits" + std::string(uncond ? "/uncond_logits" : "") + " at position " +
                            position(first_bad / p.seq_len, first_bad % p.seq_len) +
-                           ": the guided, tempered logits contain NaN or +inf, or are all -inf");
+                           ": the guided logits divided by the temperature contain NaN or +inf, or are all -inf");
 
   // Per sequence: the n lowest (confidence, position) keys are re-masked (selection, no sort).
-#pragma omp parallel for schedule(static)
+  const int64_t N = p.seq_len;
+  const int seq_team = cpu::team_size(p.batch);
+  const cpu::ThreadScratch<uint64_t> key_scratch(seq_team, N);
+#pragma omp parallel for schedule(static) num_threads(seq_team)
   for (int64_t b = 0; b < p.batch; ++b) {
-    const int64_t N = p.seq_len;
     const int64_t* tok = tokens + b * N;
     const float* conf = confidence + b * N;
     int64_t masked = 0;
@@ -177,10 +184,10 @@ Status maskgit_typed(const T* cond, const T* uncond, const int64_t* tokens, cons
     const int64_t count = detail::remask_count(p, masked);
     for (int64_t n = 0; n < N; ++n) new_tokens[b * N + n] = sampled[b * N + n];
     if (count == 0) continue;
-    std::vector<uint64_t> keys(static_cast<size_t>(N));
+    uint64_t* const keys = key_scratch.mine();
     for (int64_t n = 0; n < N; ++n)
       keys[n] = (static_cast<uint64_t>(detail::ordered_key(conf[n])) << 32) | static_cast<uint64_t>(n);
-    std::nth_element(keys.begin(), keys.begin() + (count - 1), keys.end());
+    std::nth_element(keys, keys + (count - 1), keys + N);
     const uint64_t threshold = keys[count - 1];
     for (int64_t n = 0; n < N; ++n) {
       const uint64_t key = (static_cast<uint64_t>(detail::ordered_key(conf[n])) << 32) | static_cast<uint64_t>(n);
@@ -222,17 +229,22 @@ uint32_t select_threshold(const uint32_t* keys, const uint32_t* q, int64_t k_cou
 template <typename T>
 Status next_token_typed(const T* logits, const NextTokenParams& p, int64_t* out) {
   const int64_t V = p.vocab;
+  const bool use_k = !p.greedy && p.top_k > 0 && p.top_k < V;
+  const bool use_p = !p.greedy && p.top_p < 1.0;
   int64_t first_bad = std::numeric_limits<int64_t>::max();
-#pragma omp parallel
+  const int team = cpu::team_size(p.batch);
+  const cpu::ThreadScratch<float> bufs(team, V);
+  const cpu::ThreadScratch<uint32_t> qs(team, p.greedy ? 0 : V), key_scratch(team, use_k || use_p ? V : 0);
+#pragma omp parallel num_threads(team)
   {
-    std::vector<float> buf(static_cast<size_t>(V));
-    std::vector<uint32_t> q(static_cast<size_t>(V));
-    std::vector<uint32_t> keys;
+    float* const buf = bufs.mine();
+    uint32_t* const q = qs.mine();
+    uint32_t* const keys = key_scratch.mine();
 #pragma omp for schedule(dynamic, 1)
     for (int64_t b = 0; b < p.batch; ++b) {
       int bad = 0;
       const float m = load_any_row(logits + b * V, static_cast<const T*>(nullptr), 0.0f,
-                                   p.greedy ? 1.0f : p.inv_temperature, V, buf.data(), nullptr, &bad);
+                                   p.greedy ? 1.0f : p.inv_temperature, V, buf, nullptr, &bad);
       if (bad) {
         out[b] = 0;
 #pragma omp critical(unif2ace_next_token_bad)
@@ -245,21 +257,18 @@ Status next_token_typed(const T* logits, const NextTokenParams& p, int64_t* out)
         out[b] = x;
         continue;
       }
-      uint64_t total = masses(buf.data(), V, m, q.data());
-      const bool use_k = p.top_k > 0 && p.top_k < V;
-      const bool use_p = p.top_p < 1.0;
+      uint64_t total = masses(buf, V, m, q);
       if (use_k || use_p) {
-        keys.resize(static_cast<size_t>(V));
         for (int64_t k = 0; k < V; ++k) keys[k] = detail::ordered_key(buf[k]);
         uint32_t t = 0;
-        if (use_k) t = select_threshold<false>(keys.data(), q.data(), V, 0, static_cast<uint64_t>(p.top_k));
+        if (use_k) t = select_threshold<false>(keys, q, V, 0, static_cast<uint64_t>(p.top_k));
         if (use_p) {
           uint64_t kept = 0;
           for (int64_t k = 0; k < V; ++k) kept += keys[k] >= t ? q[k] : 0u;
           double need_d = std::ceil(p.top_p * static_cast<double>(kept));
           uint64_t need = need_d < 1.0 ? 1 : static_cast<uint64_t>(need_d);
           if (need > kept) need = kept;
-          t = select_threshold<true>(keys.data(), q.data(), V, t, need);
+          t = select_threshold<true>(keys, q, V, t, need);
         }
         total = 0;
         for (int64_t k = 0; k < V; ++k) {
@@ -268,12 +277,12 @@ Status next_token_typed(const T* logits, const NextTokenParams& p, int64_t* out)
         }
       }
       const philox::Block blk = philox::stream_block(p.seed, p.offset, static_cast<uint64_t>(b));
-      out[b] = find_prefix(q.data(), V, philox::mulhi64(philox::block_uniform64(blk), total));
+      out[b] = find_prefix(q, V, philox::mulhi64(philox::block_uniform64(blk), total));
     }
   }
   if (first_bad != std::numeric_limits<int64_t>::max())
     return Status::Invalid("logits[" + std::to_string(first_bad) +
-                           "]: the tempered logits contain NaN or +inf, or are all -inf");
+                           "]: logits divided by the temperature contain NaN or +inf, or are all -inf");
   return Status::Ok();
 }
 
@@ -286,19 +295,23 @@ Status maskgit_step_cpu(const void* cond_logits, const void* uncond_logits, DTyp
   if (params.mask_id >= 0 && params.mask_id < params.vocab)
     return Status::Invalid("maskgit_step: mask_id must lie outside the codebook [0, K)");
   if (dtype == DType::kFloat64) return Status::Invalid("maskgit_step: float64 logits are not supported");
-  return dispatch_half_float(dtype, [&](auto tag) {
-    using T = decltype(tag);
-    return maskgit_typed(static_cast<const T*>(cond_logits), static_cast<const T*>(uncond_logits), tokens, params,
-                         new_tokens, sampled, confidence);
+  return guarded("maskgit_step", [&] {
+    return dispatch_half_float(dtype, [&](auto tag) {
+      using T = decltype(tag);
+      return maskgit_typed(static_cast<const T*>(cond_logits), static_cast<const T*>(uncond_logits), tokens,
+                           params, new_tokens, sampled, confidence);
+    });
   });
 }
 
 Status sample_next_token_cpu(const void* logits, DType dtype, const NextTokenParams& params, int64_t* out) {
   if (params.batch < 0 || params.vocab <= 0) return Status::Invalid("sample_next_token: need B >= 0 and V > 0");
   if (dtype == DType::kFloat64) return Status::Invalid("sample_next_token: float64 logits are not supported");
-  return dispatch_half_float(dtype, [&](auto tag) {
-    using T = decltype(tag);
-    return next_token_typed(static_cast<const T*>(logits), params, out);
+  return guarded("sample_next_token", [&] {
+    return dispatch_half_float(dtype, [&](auto tag) {
+      using T = decltype(tag);
+      return next_token_typed(static_cast<const T*>(logits), params, out);
+    });
   });
 }
 

@@ -874,7 +874,7 @@ def write_synthetic_dataset(out_dir: str, num_images: int, *, resolution: int = 
 
     Splits are by identity (80/10/10, see `identity_splits`), so no identity crosses splits.
     """
-    from tqdm import tqdm
+    from unif2ace.progress import progress_bar
 
     if num_images < 1:
         raise ValueError("num_images must be >= 1")
@@ -883,7 +883,7 @@ def write_synthetic_dataset(out_dir: str, num_images: int, *, resolution: int = 
     splits = identity_splits(num_identities, seed)
     index_path = os.path.join(out_dir, "index.jsonl")
     with open(index_path, "w") as f:
-        for i in tqdm(range(num_images), desc="rendering faces", disable=not progress):
+        for i in progress_bar(range(num_images), desc="rendering faces", disable=not progress):
             sample = generate_sample(i, seed=seed, images_per_identity=images_per_identity, resolution=resolution)
             rel = f"images/{i:06d}.png"
             sample.pop("image").save(os.path.join(out_dir, rel))

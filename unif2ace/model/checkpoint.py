@@ -1,4 +1,4 @@
-"""Checkpoint files: config.json + safetensors weights, sharded above a size, written atomically.
+"""Checkpoint files: config.json + safetensors weights, sharded above a size, written atomically and durably.
 
 Layout of a checkpoint directory:
     config.json                                   UniF2aceConfig.to_dict()
@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 
-import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
+
+from unif2ace import durable
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -54,39 +53,31 @@ def shard_state(state: dict[str, Tensor], max_shard_bytes: int) -> list[dict[str
 
 
 def save(directory: str, config: dict, state: dict[str, Tensor], max_shard_size="5GB") -> None:
-    directory = os.path.abspath(directory)
-    parent = os.path.dirname(directory)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=parent)
-    try:
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(config, f, indent=2)
-            f.write("\n")
-        state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-        shards = shard_state(state, parse_size(max_shard_size))
-        if len(shards) == 1:
-            save_file(shards[0], os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards):
-                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
-                weight_map.update({k: name for k in shard})
-            total = sum(t.numel() * t.element_size() for t in state.values())
-            with open(os.path.join(tmp, INDEX_NAME), "w") as f:
-                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-        # Swap into place: the old directory (if any) is removed only after the new one is complete.
-        old = None
-        if os.path.exists(directory):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.old-", dir=parent)
-            os.rmdir(old)
-            os.rename(directory, old)
-        os.rename(tmp, directory)
-        if old is not None:
-            shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    """Writes a checkpoint directory next to `directory` and swaps it in whole (unif2ace.durable): a kill or a
+    full disk leaves the previous checkpoint (or none), never a partial one."""
+    os.makedirs(os.path.dirname(os.path.abspath(directory)), exist_ok=True)
+    with durable.staged_directory(directory) as tmp:
+        write_files(tmp, config, state, max_shard_size)
+
+
+def write_files(directory: str, config: dict, state: dict[str, Tensor], max_shard_size="5GB") -> None:
+    """config.json and the safetensors weights (sharded above max_shard_size) into an existing directory."""
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+        f.write("\n")
+    state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    shards = shard_state(state, parse_size(max_shard_size))
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(directory, name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    with open(os.path.join(directory, INDEX_NAME), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
 
 
 def _load_file(path: str) -> dict[str, Tensor]:
@@ -102,10 +93,14 @@ def load(directory: str) -> dict[str, Tensor]:
     """Every tensor of a checkpoint directory (single file or sharded)."""
     index_path = os.path.join(directory, INDEX_NAME)
     if os.path.exists(index_path):
-        with open(index_path) as f:
-            weight_map = json.load(f)["weight_map"]
+        try:
+            with open(index_path) as f:
+                weight_map = json.load(f)["weight_map"]
+            files = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index_path} is truncated or corrupt: {e!r}") from e
         state: dict[str, Tensor] = {}
-        for file in sorted(set(weight_map.values())):
+        for file in files:
             part = _load_file(os.path.join(directory, file))
             listed = {k for k, v in weight_map.items() if v == file}
             if set(part) != listed:

@@ -1,6 +1,6 @@
 """UniF2aceConfig: every hyper-parameter of the model in one JSON-serialisable dataclass.
 
-Vocabulary layout (Show-o's, DESIGN §1 and showo.md §1.2), for a config with text vocabulary T, S special
+Vocabulary layout (Show-o's, DESIGN §1 and docs/model.md), for a config with text vocabulary T, S special
 tokens and codebook size K:
 
     [0, T)              text tokens (the tokenizer's own ids; <|sot|> and <|eot|> live here)
@@ -17,8 +17,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+MODEL_TYPE = "unif2ace"
 BACKENDS = ("kernels", "reference")
 ATTENTION_IMPLS = ("auto", "sdpa", "flex")
 SEQ_EXPERT_KINDS = ("copy", "zero", "clip", "face", "noise")
@@ -163,14 +164,19 @@ class UniF2aceConfig:
         need(self.attention in ATTENTION_IMPLS, f"attention must be one of {ATTENTION_IMPLS}, got {self.attention!r}")
         need(self.num_image_tokens + 64 <= self.max_position_embeddings, "max_position_embeddings too small")
 
-    # --- serialisation ---
+    # --- serialisation (config.json carries "model_type": "unif2ace", as transformers configs do) ---
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
+        d = {"model_type": MODEL_TYPE, **dataclasses.asdict(self)}
         d["seq_experts"] = [list(g) for g in self.seq_experts]
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "UniF2aceConfig":
+        d = dict(d)
+        model_type = d.pop("model_type", MODEL_TYPE)  # configs written before model_type existed have none
+        if model_type != MODEL_TYPE:
+            raise ValueError(f"UniF2aceConfig: model_type {model_type!r} is not {MODEL_TYPE!r} (for a Show-o "
+                             "checkpoint use `unif2ace convert`)")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
@@ -190,6 +196,11 @@ class UniF2aceConfig:
             path = os.path.join(path, "config.json")
         with open(path) as f:
             return cls.from_dict(json.load(f))
+
+    @classmethod
+    def from_pretrained(cls, path: str) -> "UniF2aceConfig":
+        """The config of a model directory (or a config.json file), as in transformers."""
+        return cls.load(path)
 
     def replace(self, **changes) -> "UniF2aceConfig":
         return dataclasses.replace(self, **changes)

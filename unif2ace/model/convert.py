@@ -5,9 +5,9 @@
     python -m unif2ace.model.convert SHOWO_DIR OUT_DIR [--max-shard-size 5GB]
 
 Input: a local Show-o directory with config.json and pytorch_model.safetensors (keys `showo.model.*`,
-`showo.lm_head.*`; showo.md §7). The Phi hyper-parameters are not in Show-o's config.json; they are read off the
-tensor shapes (layers, hidden size, head size from the QK-LayerNorm, FFN width) with Phi's partial rotary factor
-0.5 unless config.json says otherwise.
+`showo.lm_head.*`, as in huggingface.co/showlab/show-o). The Phi hyper-parameters are not in Show-o's
+config.json; they are read off the tensor shapes (layers, hidden size, head size from the QK-LayerNorm, FFN width)
+with Phi's partial rotary factor 0.5 unless config.json says otherwise.
 
 What is copied (bit-exactly): token embedding, every LayerNorm (input, QK, final), q/k/v/dense projections, and the
 output head (lm_head). What is initialised from the dense MLP fc2(gelu(fc1(h))):
@@ -30,7 +30,6 @@ rows, which nothing reads), given seq_moe_residual="delta" (the default; with "a
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -201,18 +200,15 @@ def from_showo(showo_dir: str, out_dir: str, *, config: Optional[UniF2aceConfig]
     return model
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m unif2ace.model.convert",
-                                     description="Convert a Show-o checkpoint directory into a UniF2ace checkpoint.")
-    parser.add_argument("showo_dir")
-    parser.add_argument("out_dir")
-    parser.add_argument("--config", help="a UniF2ace config.json to convert into (default: derived from Show-o)")
-    parser.add_argument("--max-shard-size", default="5GB")
-    args = parser.parse_args(argv)
-    config = UniF2aceConfig.load(args.config) if args.config else None
-    model = from_showo(args.showo_dir, args.out_dir, config=config, max_shard_size=args.max_shard_size)
-    print(f"wrote {args.out_dir}: {model.num_parameters():,} parameters")
+def main(argv=None) -> int:
+    """`python -m unif2ace.model.convert SHOWO_DIR OUT_DIR`: the same as `unif2ace convert` (its checks and
+    one-line errors)."""
+    import sys
+
+    from unif2ace.cli import main as cli_main
+
+    return cli_main(["convert", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -366,6 +366,18 @@ class UniF2aceModel(nn.Module):
         real = torch.tensor([[False] * (L - len(r)) + [True] * len(r) for r in rows], device=device)
         return ids, real
 
+    def _check_fits(self, lengths: Sequence[int], extra: int, what: str, name: str = "prompt") -> None:
+        """Raises ValueError, before any work, when a prompt of lengths[i] tokens plus `extra` positions would not fit
+        the model's max_position_embeddings (a longer sequence has no trained position and costs time and memory
+        quadratic in its length)."""
+        limit = self.config.max_position_embeddings
+        longest = max(lengths, default=0)
+        if longest + extra > limit:
+            i = list(lengths).index(longest)
+            raise ValueError(f"{name} {i} is too long: {longest} tokens + {extra} for {what} = {longest + extra} "
+                             f"positions, but the model has max_position_embeddings = {limit} (at most "
+                             f"{max(0, limit - extra)} {name} tokens)")
+
     @contextlib.contextmanager
     def _eval_mode(self):
         """Inference runs in eval mode (the Noise expert then uses f = 0: generation is deterministic given the
@@ -380,14 +392,16 @@ class UniF2aceModel(nn.Module):
     @torch.no_grad()
     def generate_images(self, prompt_ids: Sequence[Sequence[int]], *, steps: int = 18, guidance_scale: float = 0.0,
                         temperature: float = 1.0, choice_temperature: float = 1.0, seed: int = 0,
-                        init_codes: Optional[Tensor] = None, progress: bool = False,
-                        cuda_graphs: bool = True) -> Tensor:
+                        init_codes: Optional[Tensor] = None, negative_prompt_ids: Optional[Sequence[Sequence[int]]] = None,
+                        progress: Union[bool, dict] = False, cuda_graphs: bool = True) -> Tensor:
         """Text-to-image: image codes [B, N] in [0, K) for captions given as token-id lists (no special tokens).
 
         MaskGIT sampling (unif2ace.ops.maskgit_generate) over `steps` steps from an all-masked image (or from
         `init_codes` [B, N] with K marking unknown positions, for inpainting). With guidance_scale > 0 each step
         also runs the unconditional prompt (an empty caption, what caption dropout trains) in the same batch — one
-        forward of 2B rows — and uses z_cond + g·(z_cond − z_uncond). The same seed gives the same codes.
+        forward of 2B rows — and uses z_cond + g·(z_cond − z_uncond); `negative_prompt_ids` (one caption per row)
+        replace the empty caption there. The same seed gives the same codes. `progress`: a progress bar over the
+        steps (a dict: its options).
 
         No step waits for the host: the logits stay in the model's dtype for the fused step kernel, and on CUDA the
         forward (fixed shapes for the whole loop) is recorded once as a CUDA graph and replayed for the other steps
@@ -396,8 +410,15 @@ class UniF2aceModel(nn.Module):
         c = self.config
         B, N, K = len(prompt_ids), c.num_image_tokens, c.codebook_size
         prefixes = [generation_prefix(c, p) for p in prompt_ids]
+        if negative_prompt_ids is not None and len(negative_prompt_ids) != B:
+            raise ValueError(f"negative_prompt_ids has {len(negative_prompt_ids)} rows, prompt_ids {B}")
+        room = len(generation_prefix(c, [])) + N + 2
+        self._check_fits([len(p) for p in prompt_ids], room, "the special tokens and the image block")
+        if guidance_scale > 0 and negative_prompt_ids is not None:
+            self._check_fits([len(n) for n in negative_prompt_ids], room, "the special tokens and the image block",
+                             name="negative prompt")
         if guidance_scale > 0:
-            prefixes += [generation_prefix(c, [])] * B
+            prefixes += [generation_prefix(c, n) for n in (negative_prompt_ids or [[]] * B)]
         prefix_ids, prefix_real = self._pad_left([p + [c.soi_token_id] for p in prefixes])
         rows, P = prefix_ids.shape
         device = prefix_ids.device
@@ -482,15 +503,17 @@ class UniF2aceModel(nn.Module):
         ignored on the CPU). The tokens are the same either way.
         """
         c = self.config
-        ids, real = self._pad_left(self._text_rows(prefix_ids, image_codes))
+        rows = self._text_rows(prefix_ids, image_codes)
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        self._check_fits([len(r) for r in rows], max_new_tokens, "max_new_tokens")
+        ids, real = self._pad_left(rows)
         B, P = ids.shape
         if eot_check_every is None:
             eot_check_every = 8 if ids.device.type == "cuda" else 1
         if not isinstance(eot_check_every, int) or isinstance(eot_check_every, bool) or eot_check_every < 1:
             raise ValueError(f"eot_check_every: must be a positive int, got {eot_check_every!r}")
-        if P + max_new_tokens > c.max_position_embeddings:
-            raise ValueError(f"prefix {P} + {max_new_tokens} new tokens exceed {c.max_position_embeddings} positions")
-        if max_new_tokens <= 0:
+        if max_new_tokens == 0:
             return [[] for _ in range(B)]
         device = ids.device
         task = torch.zeros(B, dtype=torch.long, device=device)
@@ -539,9 +562,11 @@ class UniF2aceModel(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str, *, clip_encoder: Optional[nn.Module] = None,
                         face_encoder: Optional[nn.Module] = None, backend: Optional[str] = None,
-                        device: Union[str, torch.device] = "cpu") -> "UniF2aceModel":
-        """Loads what save_pretrained wrote; raises CheckpointError naming the offending tensor or file on missing
-        / unexpected keys, shape mismatches and truncated or corrupt files."""
+                        device: Union[str, torch.device] = "cpu",
+                        torch_dtype: Optional[torch.dtype] = None) -> "UniF2aceModel":
+        """Loads what save_pretrained wrote (in `torch_dtype` if given, else as saved); raises CheckpointError
+        naming the offending tensor or file on missing / unexpected keys, shape mismatches and truncated or corrupt
+        files."""
         config = UniF2aceConfig.load(directory)
         for name, given in (("clip_encoder", clip_encoder), ("face_encoder", face_encoder)):
             if getattr(config, name) == "external" and given is None:
@@ -552,4 +577,4 @@ class UniF2aceModel(nn.Module):
         state = checkpoint.load(directory)
         checkpoint.check_state(model.checkpoint_state_dict(), state)
         model.load_state_dict(state, strict=False)
-        return model
+        return model.to(torch_dtype) if torch_dtype is not None else model

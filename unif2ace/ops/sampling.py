@@ -20,6 +20,7 @@ always lie in [0, K) or equal mask_id.
 from __future__ import annotations
 
 import math
+import operator
 from typing import Callable, Optional, Sequence, Union
 
 import torch
@@ -32,11 +33,48 @@ from unif2ace.ops.reference import MASKGIT_SCHEDULES, maskgit_step_scalars
 _LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _NOISE_KINDS = {"uniform": (0, torch.float64), "gumbel": (1, torch.float32), "uniform64": (2, torch.int64)}
 _INT63 = 1 << 63
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+_MIN_TEMPERATURE = 1.0 / _FLOAT32_MAX  # below it 1/T, which the kernels take as a float32, is inf
 
 
-def _check_seed(name: str, v: int) -> None:
-    if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < _INT63:
-        raise ValueError(f"{name}: must be an int in [0, 2**63), got {v!r}")
+def _int(name: str, v, low: int, high: int) -> int:
+    """v as a Python int (numpy and 0-d tensor integers too; not bool or float) checked to lie in [low, high)."""
+    if isinstance(v, bool) or not hasattr(v, "__index__"):
+        raise ValueError(f"{name}: must be an int, got {v!r}")
+    v = operator.index(v)
+    if not low <= v < high:
+        raise ValueError(f"{name}: must be an int in [{_bound(low)}, {_bound(high)}), got {v}")
+    return v
+
+
+def _bound(b: int) -> str:
+    return {_INT63: "2**63", -_INT63: "-2**63"}.get(b, str(b))
+
+
+def _check_seed(name: str, v) -> int:
+    return _int(name, v, 0, _INT63)
+
+
+def _check_mask_id(mask_id, codebook_size: int) -> int:
+    mask_id = _int("mask_id", mask_id, -_INT63, _INT63)
+    if 0 <= mask_id < codebook_size:
+        raise ValueError(f"mask_id: must lie outside the codebook [0, {codebook_size}), got {mask_id}")
+    return mask_id
+
+
+def _check_scale(name: str, v, allow_zero: bool = True) -> float:
+    """A non-negative scalar the kernels receive as a float32: finite there, and for a temperature (whose inverse
+    they take) not so small that 1/v overflows."""
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: must be a number, got {v!r}") from None
+    if not (math.isfinite(x) and x >= 0 and x <= _FLOAT32_MAX):
+        raise ValueError(f"{name}: must be a finite number in [0, {_FLOAT32_MAX:.4g}], got {v!r}")
+    if not allow_zero and x < _MIN_TEMPERATURE:
+        raise ValueError(f"{name}: must be at least {_MIN_TEMPERATURE:.4g} (1/{name} must be a finite float32), "
+                         f"got {v!r}")
+    return x
 
 
 def _check_maskgit_args(cond_logits, tokens, uncond_logits, mask_id) -> None:
@@ -62,8 +100,7 @@ def _check_maskgit_args(cond_logits, tokens, uncond_logits, mask_id) -> None:
             raise ValueError(f"uncond_logits: must have the dtype of cond_logits ({cond_logits.dtype})")
         if uncond_logits.device != cond_logits.device:
             raise ValueError(f"uncond_logits: must be on {cond_logits.device}, got {uncond_logits.device}")
-    if 0 <= mask_id < K:
-        raise ValueError(f"mask_id: must lie outside the codebook [0, {K}), got {mask_id}")
+    _check_mask_id(mask_id, K)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -141,23 +178,20 @@ def maskgit_step(
         raise ValueError(f"step: must be an int in [0, num_steps={num_steps}), got {step!r}")
     if schedule not in MASKGIT_SCHEDULES:
         raise ValueError(f"schedule must be one of {MASKGIT_SCHEDULES}, got {schedule!r}")
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature: must be a finite number > 0, got {temperature!r}")
-    if not (math.isfinite(choice_temperature) and choice_temperature >= 0):
-        raise ValueError(f"choice_temperature: must be a finite number >= 0, got {choice_temperature!r}")
-    if not (math.isfinite(guidance_scale) and guidance_scale >= 0):
-        raise ValueError(f"guidance_scale: must be a finite number >= 0, got {guidance_scale!r}")
+    temperature = _check_scale("temperature", temperature, allow_zero=False)
+    choice_temperature = _check_scale("choice_temperature", choice_temperature)
+    guidance_scale = _check_scale("guidance_scale", guidance_scale)
     if guidance_scale != 0 and uncond_logits is None:
         raise ValueError("uncond_logits: required when guidance_scale != 0")
-    _check_seed("seed", seed)
-    _check_seed("offset", offset)
+    seed, offset = _check_seed("seed", seed), _check_seed("offset", offset)
     if cond_logits.dim() != 3:
         raise ValueError(f"cond_logits: expected a 3-D tensor [B, N, K], got shape {tuple(cond_logits.shape)}")
+    mask_id = _check_mask_id(mask_id, cond_logits.shape[2])
     s = maskgit_step_scalars(
         cond_logits.shape[1], step, num_steps, temperature, choice_temperature, schedule
     )
     out = torch.ops.unif2ace.maskgit_step(
-        cond_logits, tokens, uncond_logits if guidance_scale != 0 else None, int(mask_id), float(guidance_scale),
+        cond_logits, tokens, uncond_logits if guidance_scale != 0 else None, mask_id, guidance_scale,
         s["inv_temperature"], s["noise_scale"], s["n_base"], s["last_step"], seed, offset,
     )
     return out if return_confidence else (out[0], out[1])
@@ -200,17 +234,18 @@ def sample_next_token(
     limit), then to the smallest set of largest logits holding `top_p` of the remaining mass (ties at either
     threshold are kept), drawn with Philox block b of (seed, offset). Greedy (first argmax) when
     temperature == 0 or top_k == 1. No sort: the thresholds come from radix selects over the row."""
-    if not (math.isfinite(temperature) and temperature >= 0):
-        raise ValueError(f"temperature: must be a finite number >= 0, got {temperature!r}")
-    if not isinstance(top_k, int) or top_k < 0:
-        raise ValueError(f"top_k: must be an int >= 0, got {top_k!r}")
+    temperature = _check_scale("temperature", temperature)
+    if 0 < temperature < _MIN_TEMPERATURE:
+        raise ValueError(f"temperature: must be 0 (greedy) or at least {_MIN_TEMPERATURE:.4g} (1/temperature must "
+                         f"be a finite float32), got {temperature!r}")
+    top_k = _int("top_k", top_k, 0, math.inf)
+    top_k = min(top_k, _INT63 - 1)  # any top_k >= V keeps the whole row
     if not (0 < top_p <= 1):
         raise ValueError(f"top_p: must lie in (0, 1], got {top_p!r}")
-    _check_seed("seed", seed)
-    _check_seed("offset", offset)
+    seed, offset = _check_seed("seed", seed), _check_seed("offset", offset)
     greedy = temperature == 0 or top_k == 1
-    inv_t = 1.0 if greedy else 1.0 / float(temperature)
-    return torch.ops.unif2ace.sample_next_token(logits, inv_t, greedy, int(top_k), float(top_p), seed, offset)
+    inv_t = 1.0 if greedy else 1.0 / temperature
+    return torch.ops.unif2ace.sample_next_token(logits, inv_t, greedy, top_k, float(top_p), seed, offset)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -243,8 +278,7 @@ def philox_noise(
     `philox_noise((B, N), seed, offset, kind=...)` is exactly what maskgit_step(..., seed, offset) uses."""
     if kind not in _NOISE_KINDS:
         raise ValueError(f"kind must be one of {tuple(_NOISE_KINDS)}, got {kind!r}")
-    _check_seed("seed", seed)
-    _check_seed("offset", offset)
+    seed, offset = _check_seed("seed", seed), _check_seed("offset", offset)
     shape = [int(shape)] if isinstance(shape, int) else [int(s) for s in shape]
     if any(s < 0 for s in shape):
         raise ValueError(f"shape: sizes must be >= 0, got {shape}")
@@ -275,7 +309,7 @@ def maskgit_generate(
     offset: int = 0,
     device: Union[str, torch.device, None] = None,
     backend: str = "kernels",
-    progress: bool = False,
+    progress: Union[bool, dict] = False,
 ) -> Tensor:
     """Masked-diffusion generation: start from all-masked tokens [batch_size, num_tokens] (or `init_tokens`,
     with pre-filled codebook ids kept, for inpainting), run `num_steps` MaskGIT steps and return the final
@@ -288,8 +322,14 @@ def maskgit_generate(
         raise ValueError(f"backend must be 'kernels' or 'reference', got {backend!r}")
     if not isinstance(num_steps, int) or num_steps < 1:
         raise ValueError(f"num_steps: must be a positive int, got {num_steps!r}")
-    if 0 <= mask_id < codebook_size:
-        raise ValueError(f"mask_id: must lie outside the codebook [0, {codebook_size}), got {mask_id}")
+    batch_size = _int("batch_size", batch_size, 0, _INT63)
+    num_tokens = _int("num_tokens", num_tokens, 0, _INT63)
+    codebook_size = _int("codebook_size", codebook_size, 1, _INT63)
+    mask_id = _check_mask_id(mask_id, codebook_size)
+    seed, offset = _check_seed("seed", seed), _check_seed("offset", offset)
+    if offset + num_steps > _INT63:
+        raise ValueError(f"offset: step s uses offset + s, so offset + num_steps must not exceed 2**63, got "
+                         f"{offset} + {num_steps}")
     if init_tokens is None:
         dev = torch.device("cpu") if device is None else torch.device(device)
         tokens = torch.full((batch_size, num_tokens), mask_id, dtype=torch.int64, device=dev)
@@ -300,10 +340,11 @@ def maskgit_generate(
             )
         tokens = init_tokens.to(torch.int64).clone()
     steps = range(num_steps)
-    if progress:
-        from tqdm.auto import tqdm
+    if progress:  # True, or a dict of unif2ace.progress.progress_bar options
+        from unif2ace.progress import progress_bar
 
-        steps = tqdm(steps, desc="maskgit", leave=False)
+        options = progress if isinstance(progress, dict) else {}
+        steps = progress_bar(steps, **{"desc": "maskgit", "leave": False, **options})
     for step in steps:
         out = logits_fn(tokens)
         if guidance_scale > 0:

@@ -93,7 +93,7 @@ class ImageTokenizerConfig:
 
 
 @dataclass
-class TrainConfig:
+class ImageTokenizerTrainConfig:
     """Optimisation settings of `train_image_tokenizer`."""
     batch_size: int = 32
     lr: float = 3e-3
@@ -105,6 +105,9 @@ class TrainConfig:
     entropy_temperature: float = 1.0
     grad_clip: float = 1.0
     log_every: int = 25
+
+
+TrainConfig = ImageTokenizerTrainConfig  # the former name (unif2ace.training.TrainConfig is the model's)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -332,9 +335,9 @@ class ImageTokenizer(nn.Module):
         z = self.quantize.codes_to_latents(codes.to(self.quantize.embedding.device)).permute(0, 3, 1, 2)
         return self.decoder(z.to(next(self.decoder.parameters()).dtype))
 
-    def forward(self, images, train: TrainConfig | None = None):
+    def forward(self, images, train: ImageTokenizerTrainConfig | None = None):
         """Training forward: (reconstruction, dict of losses incl. "loss")."""
-        t = train or TrainConfig()
+        t = train or ImageTokenizerTrainConfig()
         z = self.encode_latent(images)
         zq, _ = self.quantize(z)
         recon = self.decoder(zq)
@@ -359,7 +362,11 @@ class ImageTokenizer(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str, map_location: str = "cpu") -> "ImageTokenizer":
         """Load a tokenizer written by `save_pretrained` (or a Show-o-layout folder, see `load_magvit2`)."""
+        if not os.path.isdir(directory):
+            raise FileNotFoundError(f"no image tokenizer folder {directory!r}")
         name = "model.safetensors" if os.path.isfile(os.path.join(directory, "model.safetensors")) else "pytorch_model.safetensors"
+        if not os.path.isfile(os.path.join(directory, name)):
+            raise FileNotFoundError(f"no model.safetensors (or Show-o's pytorch_model.safetensors) in {directory!r}")
         return _load(directory, name, None, map_location)
 
 
@@ -443,7 +450,7 @@ def _batches(data, batch_size: int, generator: torch.Generator):
 
 
 def train_image_tokenizer(data, config: ImageTokenizerConfig | None = None, steps: int = 1000, *,
-                          train: TrainConfig | None = None, model: ImageTokenizer | None = None,
+                          train: ImageTokenizerTrainConfig | None = None, model: ImageTokenizer | None = None,
                           device: str = "cpu", seed: int = 0, progress: bool = True,
                           max_seconds: float | None = None) -> tuple[ImageTokenizer, list[dict]]:
     """Train (or continue training `model`) on `data`: a tensor [N, 3, H, W] in [-1, 1] or a Dataset.
@@ -455,15 +462,15 @@ def train_image_tokenizer(data, config: ImageTokenizerConfig | None = None, step
     """
     import time
 
-    from tqdm import tqdm
+    from unif2ace.progress import progress_bar
 
-    t = train or TrainConfig()
+    t = train or ImageTokenizerTrainConfig()
     torch.manual_seed(seed)
     model = (model or ImageTokenizer(config)).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.99))
     batches = _batches(data, t.batch_size, torch.Generator().manual_seed(seed))
     history, start = [], time.time()
-    bar = tqdm(range(steps), desc="image tokenizer", disable=not progress)
+    bar = progress_bar(range(steps), desc="image tokenizer", disable=not progress)
     for step in bar:
         # warm-up, then cosine decay over whichever budget (steps or seconds) runs out first
         done = step / steps if max_seconds is None else max(step / steps, (time.time() - start) / max_seconds)
@@ -482,4 +489,5 @@ def train_image_tokenizer(data, config: ImageTokenizerConfig | None = None, step
             bar.set_postfix(loss=row["loss"], psnr=row["psnr"])
         if max_seconds is not None and time.time() - start > max_seconds:
             break
+    bar.close()
     return model.eval(), history

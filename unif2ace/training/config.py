@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Optional
@@ -47,7 +48,8 @@ class TrainConfig:
     # --- bookkeeping ---
     checkpoint_every: int = 200
     keep_checkpoints: int = 2
-    resume: bool = False
+    resume: bool = False               # continue the run in out_dir from its newest good checkpoint
+    overwrite: bool = False            # delete the run already in out_dir and start again (default: refuse)
     stop_after: int = 0                # stop after this many steps although `steps` sets the schedule (0: never)
     max_seconds: float = 0.0           # stop (and checkpoint) after this wall time (0: no limit)
     progress: bool = True
@@ -55,15 +57,58 @@ class TrainConfig:
     fsdp: bool = False                 # shard parameters/gradients/optimizer state (FSDP2 fully_shard) over ranks
 
     def __post_init__(self):
-        if self.caption_form not in ("short", "full"):
-            raise ValueError(f"caption_form must be 'short' or 'full', got {self.caption_form!r}")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', got {self.precision!r}")
-        if not 0.0 <= self.generation_fraction <= 1.0 or not 0.0 <= self.caption_fraction <= 1.0:
-            raise ValueError("generation_fraction and caption_fraction must lie in [0, 1]")
-        if self.batch_size < 1 or self.micro_batch_size < 1 or self.batch_size % self.micro_batch_size:
-            raise ValueError(f"batch_size {self.batch_size} must be a positive multiple of micro_batch_size "
-                             f"{self.micro_batch_size}")
+        """Every field checked at once; all problems in one ValueError (one line)."""
+        problems = [message for ok, message in self._checks() if not ok]
+        if problems:
+            raise ValueError("TrainConfig: " + "; ".join(problems))
+
+    def _checks(self):
+        def integer(name, low):
+            v = getattr(self, name)
+            ok = isinstance(v, int) and not isinstance(v, bool) and v >= low
+            return ok, f"{name} must be an int >= {low}, got {v!r}"
+
+        def number(name, low, high=math.inf, *, above_low=False, below_high=False):
+            v = getattr(self, name)
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
+            ok = ok and (v > low if above_low else v >= low) and (v < high if below_high else v <= high)
+            lo, hi = "(" if above_low else "[", ")" if below_high else "]"
+            return ok, f"{name} must be a number in {lo}{low}, {high}{hi}, got {v!r}"
+
+        def choice(name, options):
+            v = getattr(self, name)
+            return v in options, f"{name} must be one of {', '.join(map(repr, options))}, got {v!r}"
+
+        yield bool(self.out_dir) and isinstance(self.out_dir, str), f"out_dir must be a path, got {self.out_dir!r}"
+        yield choice("caption_form", ("short", "full"))
+        yield integer("num_workers", 0)
+        yield isinstance(self.model_overrides, dict), f"model_overrides must be a dict, got {self.model_overrides!r}"
+        yield integer("batch_size", 1)
+        yield integer("micro_batch_size", 1)
+        yield (not isinstance(self.batch_size, int) or not isinstance(self.micro_batch_size, int)
+               or self.micro_batch_size < 1 or self.batch_size % self.micro_batch_size == 0,
+               f"batch_size {self.batch_size} must be a positive multiple of micro_batch_size "
+               f"{self.micro_batch_size}")
+        yield number("generation_fraction", 0, 1)
+        yield number("caption_fraction", 0, 1)
+        yield integer("steps", 1)
+        yield number("lr", 0, above_low=True, below_high=True)
+        yield number("min_lr_ratio", 0, 1)
+        yield integer("warmup_steps", 0)
+        yield number("weight_decay", 0, below_high=True)
+        yield number("beta1", 0, 1, below_high=True)
+        yield number("beta2", 0, 1, below_high=True)
+        yield number("grad_clip", 0, below_high=True)
+        yield choice("precision", ("auto", "bf16", "fp32"))
+        yield choice("activation_checkpointing", (False, True))
+        yield choice("compile_blocks", (False, True))
+        yield integer("seed", 0)
+        yield integer("checkpoint_every", 1)
+        yield integer("keep_checkpoints", 0)
+        yield integer("stop_after", 0)
+        yield number("max_seconds", 0)
+        yield not (self.resume and self.overwrite), "resume and overwrite exclude each other"
+        yield _is_device(self.device), f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -81,3 +126,15 @@ class TrainConfig:
         with open(path, "w") as f:
             json.dump(self.to_dict(), f, indent=2)
             f.write("\n")
+
+
+def _is_device(name) -> bool:
+    if name == "auto":
+        return True
+    try:
+        import torch
+
+        torch.device(name)
+        return True
+    except (RuntimeError, TypeError):
+        return False

@@ -16,14 +16,16 @@ import hashlib
 import json
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
+from unif2ace import durable
 from unif2ace.model.batch import build_batch
+from unif2ace.progress import progress_bar
 
 CAPTION_QUESTION = "Describe the face."
 
@@ -133,7 +135,7 @@ def encode_images(dataset, image_tokenizer, encoders: dict, *, batch_size: int =
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
                                          collate_fn=lambda items: torch.stack([i["image"] for i in items]))
     image_tokenizer = image_tokenizer.to(device).eval()
-    for images in tqdm(loader, desc=desc, disable=not progress):
+    for images in progress_bar(loader, desc=desc, disable=not progress):
         images = images.to(device)
         out["codes"].append(image_tokenizer.encode(images).to(torch.int32).cpu())
         for k, enc in encoders.items():
@@ -159,15 +161,23 @@ class TokenizedFaces:
         key = "-".join([dataset_hash(records, dataset.image_size), tensor_hash(image_tokenizer),
                         *[f"{k}{tensor_hash(e)}" for k, e in sorted(encoders.items())]])
         path = os.path.join(cache_dir, f"tokens-{key}.pt") if cache_dir else ""
+        arrays = None
         if path and os.path.exists(path):
-            arrays = torch.load(path)
-        else:
+            try:
+                arrays = torch.load(path)
+            except Exception as e:  # a cache file cut short (power loss) is rebuilt, not fatal
+                warnings.warn(f"token cache {path} cannot be read ({e}); rebuilding it")
+        if arrays is None:
             arrays = encode_images(dataset, image_tokenizer, encoders, device=device, progress=progress)
             if path:
                 os.makedirs(cache_dir, exist_ok=True)
-                tmp = path + f".tmp{os.getpid()}"
-                torch.save(arrays, tmp)
-                os.replace(tmp, path)
+                tmp = durable.temporary_name(path)  # several runs may share a cache: each writes its own copy
+                try:
+                    durable.torch_save(arrays, tmp)
+                    os.replace(tmp, path)
+                finally:
+                    if os.path.exists(tmp):
+                        os.remove(tmp)
         captions, vqa, cap_rows = [], [], []
         caption_prompt = text_tokenizer.encode(question_prompt(CAPTION_QUESTION))
         for i, r in enumerate(records):

@@ -1,6 +1,8 @@
 """`unif2ace demo`: the whole system end to end on a CPU in about 15 minutes (`--quick`: under 2).
 
-Stages (each caches its result under `out`, so a second run skips finished stages):
+Stages (each caches its result under `out` keyed by the settings it depends on: a second run skips finished
+stages, and a run with other settings, e.g. the full demo after `--quick` in the same folder, rebuilds the stages
+whose settings differ and everything after them):
 
     data              render synthetic faces (train / validation / test splits by identity)
     text_tokenizer    byte-level BPE on the train split's short captions, questions and answers
@@ -15,6 +17,7 @@ minutes on two CPU cores.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -23,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from unif2ace.threads import set_threads
 from unif2ace.training.config import TrainConfig
 
 
@@ -72,50 +76,123 @@ class DemoConfig:
                                         max_position_embeddings=128))
 
 
-class Stages:
-    """Runs named stages once: a stage whose marker file exists is skipped; wall times go to timings.json."""
+# Which DemoConfig fields each stage's result depends on, and which stages it reads. A stage's cache key hashes its
+# settings and the keys of its inputs, so changing a setting reruns that stage and everything downstream of it.
+# `out` and `threads` change where and how fast, not what: they are in no key. A field missing here is treated as
+# a data setting (everything reruns); tests/test_demo.py checks that every field is placed.
+STAGES = {
+    "data": (("seed", "num_images", "resolution"), ()),
+    "text_tokenizer": (("text_vocab_size",), ("data",)),
+    "image_tokenizer": (("tokenizer_channels", "code_bits", "tokenizer_steps", "tokenizer_batch",
+                         "tokenizer_max_seconds"), ("data",)),
+    "train": (("model_preset", "model_overrides", "steps", "min_steps", "train_seconds", "batch_size", "lr",
+               "warmup_steps", "train_max_seconds"), ("text_tokenizer", "image_tokenizer")),
+    "eval": (("classifier_steps", "num_generate", "num_vqa", "num_captions", "sample_steps", "guidance_scale",
+              "grid_images"), ("train",)),
+}
+RUN_SETTINGS = ("out", "threads")
+# What each stage writes under `out` (removed before the stage is rebuilt with other settings).
+STAGE_OUTPUTS = {
+    "data": ("data", "cache"),
+    "text_tokenizer": ("tokenizers/text_tokenizer",),
+    "image_tokenizer": ("tokenizers/image_tokenizer",),
+    "train": ("pipeline", "calibrate", "train_steps.json"),
+    "eval": ("eval", "demo_grid.png"),
+}
 
-    def __init__(self, out: str):
-        self.out = out
-        self.path = os.path.join(out, "timings.json")
-        self.times = json.load(open(self.path)) if os.path.exists(self.path) else {}
+
+def stage_settings(cfg: DemoConfig) -> dict[str, dict]:
+    """{stage: {field: value}}; a field no stage names counts as a data setting."""
+    values = asdict(cfg)
+    placed = {f for fields, _ in STAGES.values() for f in fields} | set(RUN_SETTINGS)
+    out = {name: {f: values[f] for f in fields} for name, (fields, _) in STAGES.items()}
+    out["data"].update({f: v for f, v in values.items() if f not in placed})
+    return out
+
+
+def stage_keys(cfg: DemoConfig) -> dict[str, str]:
+    settings, keys = stage_settings(cfg), {}
+    for name, (_, inputs) in STAGES.items():  # inputs come first in STAGES
+        blob = json.dumps({"settings": settings[name], "inputs": [keys[i] for i in inputs]}, sort_keys=True)
+        keys[name] = hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return keys
+
+
+class Stages:
+    """Runs each stage once per settings: stages.json in `out` records, per stage, the key of the settings it ran
+    with and whether it finished. A finished stage with the same key is skipped; one with another key (e.g. the
+    data of `demo --quick` under a full `demo`) has its outputs removed and is rebuilt; an unfinished one with the
+    same key is rerun in place (training resumes from its last checkpoint)."""
+
+    def __init__(self, cfg: DemoConfig):
+        self.out = cfg.out
+        self.path = os.path.join(cfg.out, "stages.json")
+        self.records = json.load(open(self.path)) if os.path.exists(self.path) else {}
+        self.settings = stage_settings(cfg)
+        self.keys = stage_keys(cfg)
+
+    def _save(self) -> None:
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.records, f, indent=1)
+        os.replace(tmp, self.path)
+
+    def _changes(self, name: str, old: dict) -> str:
+        before, now = old.get("settings", {}), self.settings[name]
+        diff = [f"{k} {before.get(k)!r} → {now[k]!r}" if len(repr(before.get(k))) + len(repr(now[k])) < 40
+                else f"{k} changed" for k in now if before.get(k) != now[k]]
+        return "; ".join(diff[:4]) if diff else "an input stage changed"
 
     def run(self, name: str, fn) -> None:
-        marker = os.path.join(self.out, f".done-{name}")
-        if os.path.exists(marker):
-            print(f"[{name}] cached ({self.times.get(name, 0):.1f}s when it ran)")
+        key, rec = self.keys[name], self.records.get(name)
+        if rec and rec["key"] == key and rec.get("done"):
+            print(f"[{name}] cached ({rec.get('seconds', 0):.1f}s when it ran)")
             return
-        print(f"[{name}] ...", flush=True)
+        if rec and rec["key"] == key:
+            print(f"[{name}] resuming an unfinished run ...", flush=True)
+        else:
+            stale = [p for p in STAGE_OUTPUTS[name] if os.path.exists(os.path.join(self.out, p))]
+            if rec:
+                print(f"[{name}] settings differ from the cached run ({self._changes(name, rec)}): rebuilding ...",
+                      flush=True)
+            elif stale:
+                print(f"[{name}] outputs without a record of their settings: rebuilding ...", flush=True)
+            else:
+                print(f"[{name}] ...", flush=True)
+            for p in stale:
+                path = os.path.join(self.out, p)
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        self.records[name] = {"key": key, "settings": self.settings[name], "done": False}
+        self._save()
         t0 = time.time()
         fn()
-        self.times[name] = time.time() - t0
-        with open(self.path, "w") as f:
-            json.dump(self.times, f, indent=1)
-        open(marker, "w").close()
-        print(f"[{name}] done in {self.times[name]:.1f}s", flush=True)
+        self.records[name].update(done=True, seconds=time.time() - t0)
+        self._save()
+        print(f"[{name}] done in {self.records[name]['seconds']:.1f}s", flush=True)
+
+    def times(self) -> dict[str, float]:
+        return {name: self.records[name].get("seconds", 0.0) for name in STAGES if name in self.records}
 
 
 def run_demo(cfg: DemoConfig, docs_dir: str = "") -> dict:
     from unif2ace.data import write_synthetic_dataset
-    from unif2ace.evaluation import evaluate, markdown_table
-    from unif2ace.pipeline import FacePipeline, image_grid, tensor_to_pil
+    from unif2ace.evaluation import evaluate
+    from unif2ace.pipeline import FacePipeline, image_grid, save_generation_config, tensor_to_pil
     from unif2ace.training.data import question_prompt, short_caption
     from unif2ace.training.trainer import train
 
     torch.manual_seed(cfg.seed)
     t_all = time.time()
-    cores = os.cpu_count() or 1
-    busy = hasattr(os, "getloadavg") and os.getloadavg()[0] > 0.75 * cores
-    threads = cfg.threads or (1 if busy else cores)
-    torch.set_num_threads(threads)  # on a shared, busy CPU one thread is several times faster than oversubscribing
-    print(f"unif2ace demo → {cfg.out} ({threads} CPU thread(s){'; machine busy' if busy else ''})")
+    print(f"unif2ace demo → {cfg.out} ({set_threads(cfg.threads)})")
     os.makedirs(cfg.out, exist_ok=True)
-    with open(os.path.join(cfg.out, "demo_config.json"), "w") as f:
-        json.dump(asdict(cfg), f, indent=1)
+    # demo_config.json describes finished artifacts only: removed now, written once every stage holds these settings
+    config_path = os.path.join(cfg.out, "demo_config.json")
+    if os.path.exists(config_path):
+        os.remove(config_path)
     data_dir = os.path.join(cfg.out, "data")
     tok_dir = os.path.join(cfg.out, "tokenizers")
     run_dir = os.path.join(cfg.out, "pipeline")
-    stages = Stages(cfg.out)
+    stages = Stages(cfg)
 
     def records(split):
         with open(os.path.join(data_dir, "index.jsonl")) as f:
@@ -138,15 +215,14 @@ def run_demo(cfg: DemoConfig, docs_dir: str = "") -> dict:
 
     def image_tokenizer():
         from unif2ace.data import FaceDataset
-        from unif2ace.tokenizers import ImageTokenizerConfig, train_image_tokenizer
-        from unif2ace.tokenizers.image import TrainConfig as TokTrainConfig
+        from unif2ace.tokenizers import ImageTokenizerConfig, ImageTokenizerTrainConfig, train_image_tokenizer
 
         ds = FaceDataset(data_dir, split="train", image_size=cfg.resolution)
         images = torch.stack([ds[i]["image"] for i in range(len(ds))])
         icfg = ImageTokenizerConfig(ch=cfg.tokenizer_channels, enc_ch_mult=(1, 2, 2, 4), enc_num_res_blocks=(1, 1, 1, 1),
                                     dec_ch_mult=(1, 2, 2, 4), dec_num_res_blocks=(1, 1, 1, 1), code_bits=cfg.code_bits,
                                     norm_groups=8, mid_attn=False, image_size=cfg.resolution)
-        tcfg = TokTrainConfig(batch_size=cfg.tokenizer_batch, lr=2e-3, warmup_steps=min(50, cfg.tokenizer_steps // 5))
+        tcfg = ImageTokenizerTrainConfig(batch_size=cfg.tokenizer_batch, lr=2e-3, warmup_steps=min(50, cfg.tokenizer_steps // 5))
         model, hist = train_image_tokenizer(images, icfg, cfg.tokenizer_steps, train=tcfg, seed=cfg.seed,
                                             max_seconds=cfg.tokenizer_max_seconds)
         model.save_pretrained(os.path.join(tok_dir, "image_tokenizer"))
@@ -168,7 +244,7 @@ def run_demo(cfg: DemoConfig, docs_dir: str = "") -> dict:
         if not os.path.exists(steps_path):
             # measure a few steps on this machine, then fit the step count into the time budget
             probe = dataclasses.replace(tcfg, out_dir=os.path.join(cfg.out, "calibrate"), stop_after=4, resume=False,
-                                        progress=False, checkpoint_every=10**9)
+                                        overwrite=True, progress=False, checkpoint_every=10**9)
             train(probe)
             with open(os.path.join(probe.out_dir, "train_log.jsonl")) as f:
                 times = sorted(json.loads(line)["step_time"] for line in f)
@@ -187,6 +263,7 @@ def run_demo(cfg: DemoConfig, docs_dir: str = "") -> dict:
     eval_dir = os.path.join(cfg.out, "eval")
 
     def evaluation():
+        save_generation_config(run_dir, num_inference_steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale)
         pipe = FacePipeline.from_pretrained(run_dir)
         res = evaluate(pipe, data_dir, out_dir=eval_dir, classifier_steps=cfg.classifier_steps,
                        num_generate=cfg.num_generate, num_vqa=cfg.num_vqa, num_captions=cfg.num_captions,
@@ -211,7 +288,9 @@ def run_demo(cfg: DemoConfig, docs_dir: str = "") -> dict:
     with open(os.path.join(eval_dir, "eval_table.md")) as f:
         table = f.read()
     print("\n" + table)
-    times = json.load(open(stages.path))
+    times = stages.times()
+    with open(config_path, "w") as f:
+        json.dump(asdict(cfg), f, indent=1)
     print("Stage wall times: " + ", ".join(f"{k} {v:.1f}s" for k, v in times.items())
           + f"; total {sum(times.values()):.1f}s (this invocation {time.time() - t_all:.1f}s)")
     print(f"Grid of generated faces: {os.path.join(cfg.out, 'demo_grid.png')}")

@@ -8,29 +8,29 @@ gradients). Micro-batch m of step s and all its randomness (masking, caption dro
 seeds derived from (seed, s, m): data order is a function of the step, and a resumed run repeats an
 uninterrupted one exactly.
 
-Outputs in out_dir: train_config.json, train_log.jsonl (one line per step), checkpoints/step_*/ and at the end a
-pipeline directory: model/, image_tokenizer/, text_tokenizer/ (load it with unif2ace.FacePipeline).
+The out dir belongs to the run: training/run_dir.py (RunDir, held by rank 0) locks it, keeps the log and the
+checkpoints and exports the pipeline directory (model/, image_tokenizer/, text_tokenizer/: unif2ace.FacePipeline)
+at the end, so that a kill at any moment loses no logged step up to the newest checkpoint and no complete export.
 """
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
-import shutil
 import time
 import warnings
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 from unif2ace.model import UniF2aceConfig, UniF2aceModel
 from unif2ace.model.checkpoint import check_state
+from unif2ace.progress import progress_bar
 from unif2ace.training import checkpoint
 from unif2ace.training.config import TrainConfig
 from unif2ace.training.data import BatchOrder, TokenizedFaces, mix_seed
+from unif2ace.training.run_dir import RunDir
 
 PARTS = ("text", "image", "token_balance", "seq_balance")
 
@@ -60,8 +60,8 @@ def setup_distributed() -> tuple[int, int, int]:
     """(rank, world size, local rank); initialises the process group under torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
+        # CPU tensors (the step's loss sums, broadcast objects) travel over gloo, CUDA tensors over NCCL
+        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
     if world > 1:
         return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
     return 0, 1, 0
@@ -162,46 +162,125 @@ def train(cfg: TrainConfig, *, data: Optional[TokenizedFaces] = None, tokenizers
     before clipping and the optimizer step (tests compare DDP and single-process gradients with it)."""
     rank, world, local_rank = setup_distributed()
     device = pick_device(cfg.device, local_rank)
-    master = rank == 0
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    image_tok, text_tok = tokenizers if tokenizers is not None else load_tokenizers(cfg.tokenizer_dir)
+    with RunDir(cfg.out_dir) if rank == 0 else contextlib.nullcontext() as run:  # rank 0 owns the out dir
+        found = master_only(run, world, lambda r: r.open(resume=cfg.resume, overwrite=cfg.overwrite,
+                                                         tokenizer_dir=cfg.tokenizer_dir), share=lambda f: f and f[0])
+        if run is None and found:
+            found = (found, *checkpoint.load(found))
+        image_tok, text_tok = tokenizers if tokenizers is not None else load_tokenizers(cfg.tokenizer_dir)
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP broadcasts rank 0's anyway)
+        model = (UniF2aceModel.from_pretrained(cfg.init_from) if cfg.init_from else
+                 UniF2aceModel(model_config_for(image_tok, text_tok, cfg.model_preset, **cfg.model_overrides)))
+        model.to(device)
+        # Speed / memory options of the step (they do not change what is computed).
+        model.set_activation_checkpointing(cfg.activation_checkpointing)
+        if cfg.compile_blocks:
+            model.compile_blocks()
+        if data is None:
+            data = tokenize_data(cfg, model, image_tok, text_tok, device, rank, world)
+        micro_per_step = cfg.batch_size // cfg.micro_batch_size
+        if micro_per_step % world:
+            raise ValueError(f"batch_size / micro_batch_size = {micro_per_step} micro-batches per step must be a "
+                             f"multiple of the world size {world}")
+        order = BatchOrder(data, model.config, micro_batch_size=cfg.micro_batch_size,
+                           micro_batches_per_step=micro_per_step, generation_fraction=cfg.generation_fraction,
+                           caption_fraction=cfg.caption_fraction, seed=cfg.seed)
+        wrapped = parallelize(model, cfg, device, world, local_rank)
+        optimizer = make_optimizer(model, cfg)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+        start = restore(found, model, optimizer, scheduler, cfg)
+        if run is not None:
+            run.save_config(cfg.to_dict())
+            run.start_log(start)
+            print(f"UniF2ace: {model.num_parameters() / 1e6:.2f}M parameters, {len(data)} images, "
+                  f"{len(order.vqa_rows)} VQA pairs; {world} process(es) on {device}, "
+                  f"{micro_per_step // world} micro-batch(es) of {cfg.micro_batch_size} per rank and step")
 
-    # --- model (the same initial weights on every rank: seeded, and DDP broadcasts rank 0's anyway) ---
-    torch.manual_seed(cfg.seed)
-    if cfg.init_from:
-        model = UniF2aceModel.from_pretrained(cfg.init_from)
-    else:
-        model = UniF2aceModel(model_config_for(image_tok, text_tok, cfg.model_preset, **cfg.model_overrides))
-    mcfg = model.config
-    model.to(device)
-    # Speed / memory options of the step (they do not change what is computed).
-    model.set_activation_checkpointing(cfg.activation_checkpointing)
-    if cfg.compile_blocks:
-        model.compile_blocks()
+        model.train()
+        t_start, last = time.time(), {}
+        bar = progress_bar(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train",
+                           disable=not (cfg.progress and run is not None))
+        for step in bar:
+            last = train_step(wrapped, model, optimizer, scheduler, order, step, cfg, device, rank, world, grad_hook)
+            if run is not None:
+                run.log(last)
+                bar.set_postfix(loss=f"{last['loss']:.3f}", text=f"{last['text']:.3f}", image=f"{last['image']:.3f}",
+                                lr=f"{last['lr']:.2e}")
+            done = step + 1
+            out_of_time = any_rank(cfg.max_seconds > 0 and time.time() - t_start > cfg.max_seconds, world)
+            stop = (cfg.stop_after > 0 and done - start >= cfg.stop_after) or out_of_time
+            if done % cfg.checkpoint_every == 0 or done == cfg.steps or stop:
+                save_checkpoint(run, done, model, optimizer, scheduler, cfg, world)
+            if out_of_time and run is not None:
+                print(f"time budget of {cfg.max_seconds:.0f}s reached at step {done}")
+            if stop:
+                break
+        bar.close()
 
-    # --- data: rank 0 fills the token cache, the others wait and read it ---
-    if data is None:
-        from unif2ace.data import FaceDataset
+        # the exported model: gathered by every rank under FSDP (a collective), written by rank 0
+        model_sd = full_state(model, optimizer)[0] if cfg.fsdp else model.checkpoint_state_dict()
+        master_only(run, world, lambda r: r.export(model.config.to_dict(), model_sd, image_tok, text_tok))
+        return {"step": last.get("step", start), "out_dir": cfg.out_dir, "last": last,
+                "seconds": time.time() - t_start, "model": model}
 
-        dataset = FaceDataset(cfg.data_dir, split=cfg.split, image_size=mcfg.image_size)
-        cache = cfg.cache_dir or os.path.join(cfg.data_dir, ".token_cache")
-        encoders = {"clip": model.clip_encoder, "face": model.face_encoder}
-        for turn in (0, 1):
-            if (turn == 0) == master:
-                data = TokenizedFaces.build(dataset, image_tok, text_tok, encoders, caption_form=cfg.caption_form,
-                                            cache_dir=cache, device=device, progress=cfg.progress and master)
-            if world > 1:
-                dist.barrier()
+
+def train_step(wrapped, model, optimizer, scheduler, order: BatchOrder, step: int, cfg: TrainConfig,
+               device: torch.device, rank: int, world: int, grad_hook=None) -> dict:
+    """One optimizer step: this rank's micro-batches of `step` (r, r + W, …), accumulated. Returns the step's
+    log line, its losses the mean over every micro-batch of every rank."""
+    t0 = time.time()
     micro_per_step = cfg.batch_size // cfg.micro_batch_size
-    if micro_per_step % world:
-        raise ValueError(f"batch_size / micro_batch_size = {micro_per_step} micro-batches per step must be a "
-                         f"multiple of the world size {world}")
     accum = micro_per_step // world
-    order = BatchOrder(data, mcfg, micro_batch_size=cfg.micro_batch_size, micro_batches_per_step=micro_per_step,
-                       generation_fraction=cfg.generation_fraction, caption_fraction=cfg.caption_fraction,
-                       seed=cfg.seed)
+    ddp = isinstance(wrapped, torch.nn.parallel.DistributedDataParallel)
+    sums = torch.zeros(1 + len(PARTS), dtype=torch.float64)
+    for j in range(accum):
+        micro = j * world + rank
+        batch = to_device(order.micro_batch(step, micro), device)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(mix_seed(cfg.seed, step, micro, 11))
+            sync = not ddp or j == accum - 1
+            with (contextlib.nullcontext() if sync else wrapped.no_sync()), autocast_for(cfg.precision, device):
+                out = wrapped(batch)
+                (out.loss / accum).backward()
+        sums += torch.tensor([out.loss.item()] + [float(out.parts[k]) for k in PARTS], dtype=torch.float64)
+    if grad_hook is not None:
+        grad_hook(step, model)
+    grad_norm = math.nan
+    if cfg.grad_clip > 0:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    if world > 1:
+        dist.all_reduce(sums)
+    means = (sums / micro_per_step).tolist()
+    return {"step": step + 1, "loss": means[0], **dict(zip(PARTS, means[1:])), "lr": lr, "grad_norm": grad_norm,
+            "step_time": time.time() - t0}
 
-    # --- parallel wrappers ---
+
+# ----------------------------------------------------------------------------------------------------------
+# Pieces of the loop
+# ----------------------------------------------------------------------------------------------------------
+def tokenize_data(cfg: TrainConfig, model, image_tok, text_tok, device, rank: int, world: int) -> TokenizedFaces:
+    """The image tokens of the training split: rank 0 fills the token cache, the others wait and read it."""
+    from unif2ace.data import FaceDataset
+
+    dataset = FaceDataset(cfg.data_dir, split=cfg.split, image_size=model.config.image_size)
+    cache = cfg.cache_dir or os.path.join(cfg.data_dir, ".token_cache")
+    encoders = {"clip": model.clip_encoder, "face": model.face_encoder}
+    data = None
+    for turn in (0, 1):
+        if (turn == 0) == (rank == 0):
+            data = TokenizedFaces.build(dataset, image_tok, text_tok, encoders, caption_form=cfg.caption_form,
+                                        cache_dir=cache, device=device, progress=cfg.progress and rank == 0)
+        if world > 1:
+            dist.barrier()
+    return data
+
+
+def parallelize(model, cfg: TrainConfig, device, world: int, local_rank: int):
+    """FSDP2 (fully_shard per block, then the model, in place), DDP under torchrun, or the model as it is."""
     if cfg.fsdp:
         from torch.distributed.fsdp import fully_shard
 
@@ -210,133 +289,71 @@ def train(cfg: TrainConfig, *, data: Optional[TokenizedFaces] = None, tokenizers
         for block in model.layers:
             fully_shard(block)
         fully_shard(model)
-        wrapped = model
-    elif world > 1:
-        wrapped = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[local_rank] if device.type == "cuda" else None, find_unused_parameters=True)
-    else:
-        wrapped = model
-    optimizer = make_optimizer(model, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-
-    # --- resume ---
-    start = 0
-    log_path = os.path.join(cfg.out_dir, "train_log.jsonl")
-    if cfg.resume:
-        found = checkpoint.load_latest(cfg.out_dir)
-        if found is not None:
-            path, _, model_sd, trainer = found
-            check_state(model.checkpoint_state_dict() if not cfg.fsdp else model_sd, model_sd)
-            load_full_state(model, optimizer, model_sd, trainer["optimizer"])
-            scheduler.load_state_dict(trainer["scheduler"])
-            set_rng_state(trainer["rng"])
-            start = trainer["step"]
-            if master:
-                print(f"resumed from {path} (step {start})")
-        elif master:
-            print(f"no checkpoint in {cfg.out_dir}; starting from scratch")
-    if master:
-        cfg.save(os.path.join(cfg.out_dir, "train_config.json"))
-        kept = []
-        if start > 0 and os.path.exists(log_path):
-            with open(log_path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start]
-        with open(log_path, "w") as f:
-            f.writelines(kept)
-        print(f"UniF2ace: {model.num_parameters() / 1e6:.2f}M parameters, {len(data)} images, "
-              f"{len(order.vqa_rows)} VQA pairs; {world} process(es) on {device}, {accum} micro-batch(es) of "
-              f"{cfg.micro_batch_size} per rank and step")
-
-    # --- train ---
-    def save_checkpoint(step: int) -> None:
-        model_sd, optim_sd = full_state(model, optimizer)
-        if master:
-            trainer_state = {"step": step, "optimizer": optim_sd, "scheduler": scheduler.state_dict(),
-                             "rng": rng_state(), "data_position": {"step": step, "seed": cfg.seed},
-                             "train_config": cfg.to_dict()}
-            checkpoint.save(cfg.out_dir, step, mcfg.to_dict(), model_sd, trainer_state, cfg.keep_checkpoints)
-        if world > 1:
-            dist.barrier()
-
-    model.train()
-    t_start = time.time()
-    last: dict = {}
-    step = start
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train", disable=not (cfg.progress and master))
-    log = open(log_path, "a") if master else None
-    for step in bar:
-        t0 = time.time()
-        sums = torch.zeros(1 + len(PARTS), dtype=torch.float64)
-        for j in range(accum):
-            micro = j * world + rank
-            batch = to_device(order.micro_batch(step, micro), device)
-            sync = j == accum - 1 or not isinstance(wrapped, torch.nn.parallel.DistributedDataParallel)
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                torch.manual_seed(mix_seed(cfg.seed, step, micro, 11))
-                with (contextlib.nullcontext() if sync else wrapped.no_sync()), autocast_for(cfg.precision, device):
-                    out = wrapped(batch)
-                    (out.loss / accum).backward()
-            sums += torch.tensor([out.loss.item()] + [float(out.parts[k]) for k in PARTS], dtype=torch.float64)
-        if grad_hook is not None:
-            grad_hook(step, model)
-        if cfg.grad_clip > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
-        else:
-            grad_norm = float("nan")
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if world > 1:
-            dist.all_reduce(sums)
-        means = (sums / micro_per_step).tolist()
-        last = {"step": step + 1, "loss": means[0], **dict(zip(PARTS, means[1:])), "lr": lr,
-                "grad_norm": grad_norm, "step_time": time.time() - t0}
-        if master:
-            log.write(json.dumps(last) + "\n")
-            log.flush()
-            bar.set_postfix(loss=f"{means[0]:.3f}", text=f"{means[1]:.3f}", image=f"{means[2]:.3f}", lr=f"{lr:.2e}")
-        done = step + 1
-        out_of_time = cfg.max_seconds > 0 and time.time() - t_start > cfg.max_seconds
-        if world > 1:  # every rank stops at the same step
-            flag = torch.tensor([float(out_of_time)])
-            dist.all_reduce(flag)
-            out_of_time = bool(flag.item() > 0)
-        stop = (cfg.stop_after > 0 and done - start >= cfg.stop_after) or out_of_time
-        if done % cfg.checkpoint_every == 0 or done == cfg.steps or stop:
-            save_checkpoint(done)
-        if stop:
-            if master and out_of_time:
-                print(f"time budget of {cfg.max_seconds:.0f}s reached at step {done}")
-            break
-    bar.close()
-    if log is not None:
-        log.close()
-    step = last.get("step", start)
-
-    # --- export a pipeline directory ---
-    if master:
-        model_sd, _ = full_state(model, optimizer) if cfg.fsdp else (None, None)
-        if cfg.fsdp:
-            from unif2ace.model import checkpoint as model_checkpoint
-
-            model_checkpoint.save(os.path.join(cfg.out_dir, "model"), mcfg.to_dict(), model_sd)
-        else:
-            model.save_pretrained(os.path.join(cfg.out_dir, "model"))
-        export_tokenizers(cfg.out_dir, image_tok, text_tok)
-    elif cfg.fsdp:
-        full_state(model, optimizer)  # collective: every rank takes part in gathering the full state
+        return model
     if world > 1:
-        dist.barrier()
-    return {"step": step, "out_dir": cfg.out_dir, "last": last, "seconds": time.time() - t_start, "model": model}
+        return torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[local_rank] if device.type == "cuda" else None, find_unused_parameters=True)
+    return model
 
 
-def export_tokenizers(out_dir: str, image_tok, text_tok) -> None:
-    for name, tok in (("image_tokenizer", image_tok), ("text_tokenizer", text_tok)):
-        path = os.path.join(out_dir, name)
-        if os.path.exists(path):
-            shutil.rmtree(path)
-        tok.save_pretrained(path)
+def restore(found, model, optimizer, scheduler, cfg: TrainConfig) -> int:
+    """Loads a checkpoint found by RunDir.open (path, config, model state, trainer state); returns its step, 0
+    when there is none."""
+    master = not dist.is_initialized() or dist.get_rank() == 0
+    if found is None:
+        if cfg.resume and master:
+            print(f"no checkpoint in {cfg.out_dir}; starting from scratch")
+        return 0
+    path, _, model_sd, trainer = found
+    if trainer["step"] > cfg.steps:
+        raise ValueError(f"steps={cfg.steps} ends before the step {trainer['step']} of the checkpoint to resume "
+                         f"({path}); raise --steps to continue training")
+    check_state(model.checkpoint_state_dict() if not cfg.fsdp else model_sd, model_sd)
+    load_full_state(model, optimizer, model_sd, trainer["optimizer"])
+    scheduler.load_state_dict(trainer["scheduler"])
+    set_rng_state(trainer["rng"])
+    if master:
+        print(f"resumed from {path} (step {trainer['step']})")
+    return trainer["step"]
+
+
+def save_checkpoint(run: Optional[RunDir], step: int, model, optimizer, scheduler, cfg: TrainConfig,
+                    world: int) -> None:
+    model_sd, optim_sd = full_state(model, optimizer)  # a collective under FSDP
+    trainer_state = {"step": step, "optimizer": optim_sd, "scheduler": scheduler.state_dict(), "rng": rng_state(),
+                     "data_position": {"step": step, "seed": cfg.seed}, "train_config": cfg.to_dict()}
+    master_only(run, world, lambda r: r.save_checkpoint(step, model.config.to_dict(), model_sd, trainer_state,
+                                                        cfg.keep_checkpoints))
+
+
+def master_only(run: Optional[RunDir], world: int, action: Callable, share: Callable = lambda result: None):
+    """Runs action(run) on rank 0 (the only rank with a RunDir) and returns its result there, share(result) on
+    the other ranks. A failure on rank 0 fails every rank, so none is left waiting in a collective."""
+    result, error = None, None
+    if run is not None:
+        try:
+            result = action(run)
+        except Exception as e:
+            error = e
+    if world > 1:
+        box = [share(result) if error is None else None, None if error is None else f"{type(error).__name__}: {error}"]
+        dist.broadcast_object_list(box, src=0)
+        if run is None:
+            if box[1] is not None:
+                raise RuntimeError(f"rank 0 failed: {box[1]}")
+            return box[0]
+    if error is not None:
+        raise error
+    return result
+
+
+def any_rank(flag: bool, world: int) -> bool:
+    """Whether `flag` holds on any rank (so every rank stops at the same step)."""
+    if world == 1:
+        return flag
+    t = torch.tensor([float(flag)])
+    dist.all_reduce(t)
+    return bool(t.item() > 0)
 
 
 def main_train(cfg: TrainConfig) -> dict:

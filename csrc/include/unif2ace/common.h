@@ -4,6 +4,8 @@
 
 #include <cstdint>
 #include <cstring>
+#include <exception>
+#include <new>
 #include <string>
 #include <utility>
 
@@ -30,7 +32,9 @@ inline const char* dtype_name(DType t) {
 
 // The result of every entry point. Kernels never throw; callers turn a failed Status into their own error.
 struct Status {
-  enum Code : int32_t { kOk = 0, kInvalidArgument = 1, kCudaError = 2, kNotBuilt = 3 };
+  enum Code : int32_t {
+    kOk = 0, kInvalidArgument = 1, kCudaError = 2, kNotBuilt = 3, kOutOfMemory = 4, kInternal = 5
+  };
   Code code = kOk;
   std::string message;
 
@@ -39,6 +43,29 @@ struct Status {
   static Status Cuda(std::string m) { return {kCudaError, std::move(m)}; }
   bool ok() const { return code == kOk; }
 };
+
+// Runs the body of an entry point (a callable returning Status) and turns any exception that escapes it into
+// a Status: std::bad_alloc (host scratch could not be allocated) into kOutOfMemory, anything else into
+// kInternal. An exception must never leave an OpenMP region (that calls std::terminate), so kernels allocate
+// their scratch before a region opens (unif2ace/cpu_scratch.h) and let it throw here.
+template <typename Body>
+Status guarded(const char* op, Body&& body) noexcept {
+  Status failed;
+  try {
+    return body();
+  } catch (const std::bad_alloc&) {
+    failed.code = Status::kOutOfMemory;
+  } catch (...) {
+    failed.code = Status::kInternal;
+  }
+  try {  // the message needs memory too; without it the code alone still says what happened
+    failed.message = std::string(op) + (failed.code == Status::kOutOfMemory
+                                            ? ": out of memory (a host scratch buffer could not be allocated)"
+                                            : ": internal error (an unexpected C++ exception)");
+  } catch (...) {
+  }
+  return failed;
+}
 
 // ---- 16-bit float storage types (bit patterns; arithmetic always happens in fp32) ----
 struct bf16_t { uint16_t bits; };
