@@ -29,7 +29,7 @@ BENCHMARKS = {
     # bf16 matrix products are ~8x slower than fp32 on CPUs without bf16 instructions: a smaller N on the CPU,
     # and no torch.compile row (inductor spent over 5 minutes compiling the bf16 graph on this CPU).
     "loss_bf16": ("benchmarks.bench_loss", ["--n", "2048", "--repeat", "1", "--dtype", "bfloat16",
-                                            "--variants", "eager,fused"],
+                                            "--variants", "eager,fused,cce,liger"],
                   ["--n", "512", "--dtype", "bfloat16", "--repeat", "1"], ["--device", "cuda", "--dtype", "bfloat16"]),
     "sampling": ("benchmarks.bench_sampling", ["--repeat", "3"], ["--sizes", "256", "--dtype", "float32",
                                                                    "--repeat", "3"], ["--device", "cuda"]),

@@ -90,8 +90,9 @@ def test_row_primitives_fuzz(inputs):
 @given(
     st.integers(0, 30), st.integers(1, 9), st.integers(1, 50), st.sampled_from([torch.float32, torch.float64]),
     st.one_of(st.none(), st.integers(-2, 64)), st.booleans(), st.integers(0, 2**31 - 1),
+    st.sampled_from(["rows", "vocab"]), st.one_of(st.none(), st.integers(1, 64)),
 )
-def test_linear_d3diff_fuzz(n, h, k, dtype, chunk_size, with_bias, seed):
+def test_linear_d3diff_fuzz(n, h, k, dtype, chunk_size, with_bias, seed, strategy, vocab_chunk_size):
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(n, h, generator=g, dtype=dtype, requires_grad=True)
     weight = torch.randn(k, h, generator=g, dtype=dtype, requires_grad=True)
@@ -103,7 +104,8 @@ def test_linear_d3diff_fuzz(n, h, k, dtype, chunk_size, with_bias, seed):
         with pytest.raises(ValueError, match="chunk_size"):
             linear_d3diff_loss(hidden, weight, target, gamma, bias=bias, chunk_size=chunk_size)
         return
-    out = linear_d3diff_loss(hidden, weight, target, gamma, bias=bias, chunk_size=chunk_size, score="sedd")
+    out = linear_d3diff_loss(hidden, weight, target, gamma, bias=bias, chunk_size=chunk_size, score="sedd",
+                             strategy=strategy, vocab_chunk_size=vocab_chunk_size)
     exp = ref.linear_d3diff_loss(hidden, weight, target, gamma, bias=bias, score="sedd")
     tol = 1e-10 if dtype == torch.float64 else 1e-4
     torch.testing.assert_close(out, exp.to(out.dtype), rtol=tol, atol=tol)

@@ -1,11 +1,15 @@
 """The per-row primitives under the D3Diff loss, each tested alone against plain torch."""
+import math
+import os
+
 import pytest
 import torch
+from torch.utils.dlpack import to_dlpack
 
 import unif2ace
 from unif2ace import _C
 from unif2ace.ops import row_lse_target, softmax_onehot_grad
-from unif2ace.ops.loss import _acc_dtype
+from unif2ace.ops.loss import _acc_dtype, _round_up
 
 SHAPES = [(1, 1), (1, 7), (5, 33), (64, 1000), (3, 8193), (17, 31)]
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
@@ -125,8 +129,6 @@ def test_bad_shapes_and_dtypes():
 
 def test_binding_rejects_non_contiguous_and_wrong_dtype():
     """The C++ boundary validates by itself (embedders call it without the Python checks)."""
-    from torch.utils.dlpack import to_dlpack
-
     logits = torch.randn(8, 6).t()  # [6, 8], not contiguous
     target = torch.zeros(6, dtype=torch.int64)
     lse, zt = torch.empty(6), torch.empty(6)
@@ -210,3 +212,213 @@ def test_half_conversions_match_torch_bit_for_bit(dtype):
     rounded = values.to(dtype)
     assert torch.equal(out.squeeze(1).isnan(), rounded.isnan())
     assert torch.equal(out.squeeze(1).float().nan_to_num(), rounded.float().nan_to_num())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The D3Diff row kernels, called through the binding on padded buffers and column slices
+# ----------------------------------------------------------------------------------------------------------
+def d3diff_rows_reference(z, target, w, alpha, sedd, scale, ignore_index=-100):
+    """fp64 loss rows and scale·∂ℓ/∂z written out from docs/design.md §4 (independent of the kernels)."""
+    z = z.double()
+    n, k = z.shape
+    valid = target != ignore_index
+    y = target.clamp(min=0)
+    lse = torch.logsumexp(z, -1)
+    ce = lse - z.gather(1, y[:, None]).squeeze(1)
+    aw = alpha * w.double()
+    u = lse - torch.log(torch.tensor(float(k), dtype=torch.float64))
+    phi = torch.expm1(u) - u if sedd else torch.zeros_like(u)
+    loss = torch.where(valid, (1 + aw) * ce + aw * phi, torch.zeros_like(ce))
+    e = aw * torch.expm1(u) if sedd else torch.zeros_like(u)
+    p = torch.softmax(z, -1)
+    onehot = torch.zeros_like(p).scatter_(1, y[:, None], 1.0)
+    grad = scale.double()[:, None] * ((1 + aw + e)[:, None] * p - (1 + aw)[:, None] * onehot)
+    grad[~valid] = 0
+    return loss, grad
+
+
+def padded(z, ld):
+    """z [N, K] copied into the first K columns of a [N, ld] buffer whose padding holds garbage."""
+    buf = torch.full((z.shape[0], ld), float("nan"), dtype=z.dtype, device=z.device)
+    buf[:, : z.shape[1]] = z
+    return buf
+
+
+def call_d3diff_rows(buf, k, target, w, alpha, sedd, scale=None, grad=None, ignore_index=-100):
+    acc = _acc_dtype(buf)
+    n = buf.shape[0]
+    loss, m, l = (torch.empty(n, dtype=acc, device=buf.device) for _ in range(3))
+    stream = torch.cuda.current_stream().cuda_stream if buf.is_cuda else 0
+    _C.d3diff_rows(to_dlpack(buf), k, to_dlpack(target), ignore_index, to_dlpack(w), alpha, sedd,
+                   None if scale is None else to_dlpack(scale), to_dlpack(loss), to_dlpack(m), to_dlpack(l),
+                   None if grad is None else to_dlpack(grad), stream)
+    return loss, m, l
+
+
+def call_d3diff_rows_grad(buf, n_cols, col0, k, target, w, m, l, scale, grad, alpha, sedd, ignore_index=-100):
+    stream = torch.cuda.current_stream().cuda_stream if buf.is_cuda else 0
+    _C.d3diff_rows_grad(to_dlpack(buf), n_cols, col0, k, to_dlpack(target), ignore_index, to_dlpack(w), alpha, sedd,
+                        to_dlpack(m), to_dlpack(l), to_dlpack(scale), to_dlpack(grad), stream)
+
+
+D3_SHAPES = [(1, 1), (1, 7), (5, 33), (17, 1000), (3, 8193)]
+# Loss rows against fp64: fp32 accumulation over up to 8k columns, amplified by eᵘ in the sedd term (the fp32 bound
+# of docs/design.md §3, 1e-5 relative).
+D3_TOL = {torch.float64: (1e-12, 1e-14)}
+
+
+@pytest.mark.parametrize("shape", D3_SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sedd", [False, True])
+def test_d3diff_rows_kernels_match_reference(shape, dtype, sedd):
+    """Loss, statistics and in-place gradient of whole rows in a padded buffer, then the gradient again from the
+    statistics over column slices of odd widths, against fp64 formulas on the same (dtype-exact) inputs."""
+    n, k = shape
+    logits, target = make_rows(n, k, dtype)
+    acc = _acc_dtype(logits)
+    w, scale = torch.rand(n, dtype=acc) * 3, torch.randn(n, dtype=acc)
+    alpha = 0.3
+    ref_loss, ref_grad = d3diff_rows_reference(logits, target, w, alpha, sedd, scale)
+    ld = k + 5  # an odd padding: rows start misaligned as well
+    buf = padded(logits, ld)
+    loss, m, l = call_d3diff_rows(buf, k, target, w, alpha, sedd, scale, grad=buf)
+    rtol, atol = D3_TOL.get(dtype, (1e-5, 1e-6))
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=rtol, atol=atol)
+    valid = target != -100
+    torch.testing.assert_close((m + l).double()[valid], torch.logsumexp(logits.double(), -1)[valid],
+                               rtol=min(rtol, 2e-6), atol=atol)
+    assert (m[~valid] == 0).all() and (l[~valid] == 0).all() and (loss[~valid] == 0).all()
+    grad_tol = dict(rtol=1e-12, atol=1e-14) if dtype == torch.float64 else dict(
+        rtol=2e-5 if dtype == torch.float32 else torch.finfo(dtype).eps, atol=1e-6 if dtype == torch.float32 else 1e-4)
+    torch.testing.assert_close(buf[:, :k].double(), ref_grad.to(dtype).double(), **grad_tol)
+    assert buf[:, k:].isnan().all()  # the padding is never written
+    # The same gradient from the statistics, slice by slice (about five slices of an odd width and the remainder),
+    # out of place.
+    step = k // 5 | 1
+    out = torch.zeros(n, step, dtype=dtype)
+    for col0 in range(0, k, step):
+        width = min(step, k - col0)
+        src = padded(logits[:, col0:col0 + width], step)
+        call_d3diff_rows_grad(src, width, col0, k, target, w, m, l, scale, out, alpha, sedd)
+        assert torch.equal(out[:, :width], buf[:, col0:col0 + width]), col0
+
+
+def test_d3diff_rows_huge_equal_logits():
+    """Ten equal logits of 1e8: CE = log 10 (lse − z_y would give 0 in fp32), softmax 0.1."""
+    for dtype, value in ((torch.float32, 1e8), (torch.bfloat16, 1e8), (torch.float16, 6e4), (torch.float32, -3e38)):
+        z = torch.full((1, 10), value, dtype=dtype)
+        target, w, scale = torch.tensor([3]), torch.zeros(1), torch.ones(1)
+        loss, m, l = call_d3diff_rows(z.clone(), 10, target, w, 0.0, False)
+        assert abs(loss.item() - math.log(10)) < 1e-6, (dtype, loss)
+        g = z.clone()
+        call_d3diff_rows(g, 10, target, w, 0.0, False, scale, grad=g)
+        expected = torch.full((1, 10), 0.1).to(dtype).float()
+        expected[0, 3] = (torch.tensor(0.1).to(dtype).float() - 1).to(dtype).float()
+        torch.testing.assert_close(g.float(), expected, rtol=1e-6, atol=1e-7)
+
+
+def test_d3diff_rows_special_values():
+    """+inf or NaN in a contributing row: NaN loss and gradient row (as torch); a −inf target logit: +inf loss and
+    a finite gradient; a row of only −inf: NaN; ignored rows are not read."""
+    inf, nan = float("inf"), float("nan")
+    z = torch.tensor([[0.0, inf, 1.0], [0.5, 1.0, nan], [-inf, 1.0, 2.0], [-inf, -inf, -inf], [nan, inf, -inf],
+                      [1.0, 2.0, 3.0]])
+    target = torch.tensor([0, 0, 0, 1, -100, 2])
+    w, scale = torch.ones(6), torch.ones(6)
+    g = z.clone()
+    loss, _, _ = call_d3diff_rows(z.clone(), 3, target, w, 0.1, True, scale, grad=g)
+    assert loss[0].isnan() and loss[1].isnan() and loss[3].isnan()
+    assert loss[2] == inf and loss[4] == 0 and torch.isfinite(loss[5])
+    assert g[0].isnan().all() and g[1].isnan().all() and g[3].isnan().all()
+    assert torch.isfinite(g[2]).all() and (g[4] == 0).all()
+    # Torch's cross-entropy agrees on every contributing row.
+    ce = torch.nn.functional.cross_entropy(z, target, reduction="none")
+    plain, _, _ = call_d3diff_rows(z.clone(), 3, target, torch.zeros(6), 0.0, False)
+    contributing = target != -100
+    assert torch.equal(plain[contributing].isnan(), ce[contributing].isnan())
+    assert plain[2] == ce[2] == inf
+
+
+def test_d3diff_binding_validates_arguments():
+    logits, target = make_rows(4, 9, torch.float32, ignore_frac=0)
+    w = torch.ones(4)
+    with pytest.raises(ValueError, match="alpha"):
+        call_d3diff_rows(logits, 9, target, w, float("nan"), False)
+    with pytest.raises(ValueError, match="alpha"):
+        call_d3diff_rows(logits, 9, target, w, -1.0, False)
+    with pytest.raises(ValueError, match="n_cols"):
+        call_d3diff_rows(logits, 10, target, w, 0.0, False)
+    with pytest.raises(ValueError, match="row_scale"):
+        call_d3diff_rows(logits, 9, target, w, 0.0, False, None, grad=logits)
+    with pytest.raises(ValueError, match="row_weight"):
+        call_d3diff_rows(logits, 9, target, w.double(), 0.0, False)
+    m = l = s = torch.zeros(4)
+    with pytest.raises(ValueError, match="col0"):
+        call_d3diff_rows_grad(logits, 9, 5, 10, target, w, m, l, s, logits, 0.0, False)
+    target[1] = 9
+    before = logits.clone()
+    with pytest.raises(ValueError, match=r"target\[1\]"):
+        call_d3diff_rows(logits, 9, target, w, 0.0, False, s, grad=logits)
+    assert torch.equal(logits, before)
+
+
+@pytest.mark.parametrize("call", [
+    lambda z, t: row_lse_target(z, t, 2**63),
+    lambda z, t: row_lse_target(z, t, -(2**63) - 1),
+    lambda z, t: row_lse_target(z, t, -100.0),
+    lambda z, t: softmax_onehot_grad(z, torch.zeros(4), t, torch.ones(4), torch.ones(4), ignore_index=2**64),
+])
+def test_primitives_validate_ignore_index(call):
+    logits, target = make_rows(4, 9, torch.float32)
+    with pytest.raises(ValueError, match="ignore_index"):
+        call(logits, target)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(1, 1), (5, 33), (64, 1000)]
+                         + ([] if os.environ.get("UNIF2ACE_SMALL") else [(3, 8193), (9, 58498)]))
+@pytest.mark.parametrize("ld_extra", [0, 3, 64])
+def test_cuda_d3diff_rows_match_cpu(shape, dtype, ld_extra):
+    """Aligned (padded), misaligned (odd ld) and unpadded rows, whole rows and column slices, in and out of place."""
+    n, k = shape
+    logits, target = make_rows(n, k, dtype)
+    target[0] = 0 if target[0] == -100 else target[0]  # at least one contributing row
+    w, scale = torch.rand(n) * 3, torch.randn(n)
+    for sedd in (False, True):
+        ld = _round_up(k, 64) if ld_extra == 64 else k + ld_extra
+        cpu_buf = padded(logits, ld)
+        loss, m, l = call_d3diff_rows(cpu_buf, k, target, w, 0.2, sedd, scale, grad=cpu_buf)
+        dev_buf = padded(logits.cuda(), ld)
+        args = [t.cuda() for t in (target, w)]
+        loss_c, m_c, l_c = call_d3diff_rows(dev_buf, k, *args, 0.2, sedd, scale.cuda(), grad=dev_buf)
+        torch.testing.assert_close(loss_c.cpu(), loss, rtol=2e-6, atol=2e-6)
+        assert torch.equal(m_c.cpu(), m)
+        torch.testing.assert_close(l_c.cpu(), l, rtol=2e-6, atol=2e-6)
+        tol = 1e-5 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps
+        torch.testing.assert_close(dev_buf.cpu().double(), cpu_buf.double(), rtol=tol, atol=tol, equal_nan=True)
+        # Column slices of 1000 (or fewer) columns from the statistics, out of place into an aligned buffer.
+        width = min(1000, k)
+        for col0 in (0, k - width):
+            src = padded(logits[:, col0:col0 + width].cuda(), width + ld_extra)
+            out = torch.empty_like(src)
+            call_d3diff_rows_grad(src, width, col0, k, *args, m_c, l_c, scale.cuda(), out, 0.2, sedd)
+            torch.testing.assert_close(out[:, :width].cpu().double(), cpu_buf[:, col0:col0 + width].double(),
+                                       rtol=tol, atol=tol)
+        # Bit-identical on repeat.
+        again = padded(logits.cuda(), ld)
+        assert torch.equal(call_d3diff_rows(again, k, *args, 0.2, sedd, scale.cuda(), grad=again)[0], loss_c)
+        assert torch.equal(again, dev_buf)
+
+
+@pytest.mark.cuda
+def test_cuda_d3diff_rows_special_values_and_bad_target():
+    inf = float("inf")
+    z = torch.tensor([[0.0, inf, 1.0], [-inf, 1.0, 2.0], [1e8, 1e8, 1e8], [1.0, 2.0, 3.0]])
+    target = torch.tensor([0, 0, 1, 7])
+    cpu_loss, _, _ = call_d3diff_rows(z.clone(), 3, target.clamp(max=2), torch.ones(4), 0.1, True)
+    loss, m, _ = call_d3diff_rows(z.cuda(), 3, target.cuda(), torch.ones(4).cuda(), 0.1, True)
+    assert loss[0].isnan() and loss[1] == inf and loss[3].isnan() and m[3].isnan()
+    plain, _, _ = call_d3diff_rows(z.cuda(), 3, target.clamp(max=2).cuda(), torch.zeros(4).cuda(), 0.0, False)
+    assert abs(plain[2].item() - math.log(3)) < 1e-6
+    assert torch.equal(loss[:3].isnan().cpu(), cpu_loss[:3].isnan())

@@ -42,7 +42,11 @@ def d3diff_loss(
     reduction: str = "mean",
 ) -> torch.Tensor:
     """D3Diff loss on materialised logits [N, K]: per masked row ℓ = CE + α·w·(CE + [sedd]·φ(u)),
-    φ(u) = eᵘ − u − 1, u = LSE − log K. Computed in fp32 (fp64 for fp64 inputs)."""
+    φ(u) = eᵘ − u − 1, u = LSE − log K. Computed in fp32 (fp64 for fp64 inputs).
+
+    Special values, shared with the kernels: a NaN or +inf logit in a masked row makes its loss NaN (torch's
+    log-softmax and cross-entropy do the same); a −inf target logit gives +inf; a row of only −inf gives NaN.
+    The score term is left out when α = 0 (so it cannot turn an infinite φ into NaN)."""
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     z = logits.to(acc)
     valid = target != ignore_index
