@@ -22,7 +22,7 @@ from benchmarks.harness import machine_info, machine_line
 
 HERE = Path(__file__).resolve().parent
 
-# name -> (module, CPU arguments, quick CPU arguments, GPU arguments)
+# name -> (module, CPU arguments, quick CPU arguments, GPU arguments); None: not run there
 BENCHMARKS = {
     "loss": ("benchmarks.bench_loss", ["--repeat", "2", "--dtype", "float32"], ["--n", "2048", "--dtype", "float32"],
              ["--device", "cuda", "--dtype", "float32"]),
@@ -41,7 +41,20 @@ BENCHMARKS = {
                  ["--tokens", "2048", "--dtype", "bfloat16", "--repeat", "2"], ["--device", "cuda", "--dtype",
                                                                                  "bfloat16"]),
     "train_step": ("benchmarks.bench_model_step", ["--repeat", "2"], ["--presets", "tiny", "--repeat", "2"],
-                   ["--device", "cuda", "--presets", "small,medium"]),
+                   ["--device", "cuda", "--presets", "small,medium", "--variants", "reference,kernels,kernels+recompute"]),
+    # Generation: decode tokens/s and first-token latency (8 rows with an image), images/s for 1, 8, 32 prompts
+    # (18 steps, guidance 3); the paper preset in bf16 on the GPU, the small preset on the CPU.
+    "generate": ("benchmarks.bench_generate", [], ["--preset", "tiny", "--repeat", "1"],
+                 ["--device", "cuda", "--repeat", "1"]),
+    # The paper preset at 16,296 real tokens per step (56 rows): tokens/s, peak memory and MFU; then 20 steps of the
+    # faster step against the plain one (losses within bf16 rounding). GPU only. (Compiled blocks add ~1 min of
+    # compilation per process: `--variants kernels,kernels+flex+fused+compile` measures them.)
+    "train_paper": ("benchmarks.bench_model_step", None, None,
+                    ["--device", "cuda", "--presets", "paper", "--batch", "56", "--no-largest", "--repeat", "2",
+                     "--variants", "reference,kernels,kernels+flex+fused"]),
+    "train_loss": ("benchmarks.bench_model_step", None, None,
+                   ["--device", "cuda", "--presets", "medium", "--batch", "16", "--loss-check", "20",
+                    "--variants", "kernels,kernels+flex+fused"]),
 }
 
 
@@ -157,6 +170,8 @@ def main(argv=None):
     for name in names:
         module, cpu_args, quick_args, gpu_args = BENCHMARKS[name]
         bench_args = gpu_args if args.gpu else (quick_args if args.quick else cpu_args)
+        if bench_args is None:
+            continue
         with tempfile.TemporaryDirectory() as tmp:
             json_path = os.path.join(tmp, "rows.json")
             print(f"== {name}: python -m {module} {' '.join(bench_args)}", flush=True)

@@ -20,7 +20,10 @@ torch.multinomial, then the guidance arithmetic and the softmax; peak = extra re
 | 8 | 1024 | 8192 | float32  | 8880.6            | 372.0      | 23.9x    | 767.9          | 0.1            |
 | 8 | 1024 | 8192 | bfloat16 | 7221.7            | 307.9      | 23.5x    | 384.0          | 0.1            |
 
-No GPU numbers yet (the CUDA path defaults to B = 16, N = 1024, K = 8192).
+On CUDA (B = 8, N = 1024, K = 8192 by default) the table adds the HBM floor: the time to read the cond and
+uncond logits once at the device's measured copy bandwidth (a 1 GiB device-to-device copy, read + write bytes per
+second), the device time of each step (20 calls back to back between CUDA events, so without the host's launch
+overhead) and the fused step's share of the floor (floor / device time; the target is >= 60 %).
 """
 from __future__ import annotations
 
@@ -59,6 +62,16 @@ def eager_showo_step(cond, uncond, tokens, step, num_steps, guidance, mask_id, g
 VARIANTS = ("eager", "fused")
 
 
+def copy_bandwidth() -> float:
+    """Bytes per second (read + write) of a 1 GiB device-to-device copy, median of 10."""
+    from benchmarks.harness import median_time
+
+    x = torch.empty(2**28, device="cuda")
+    y = torch.empty_like(x)
+    t = median_time(lambda: y.copy_(x), warmup=3, repeat=10, device="cuda")
+    return 2 * x.numel() * 4 / t
+
+
 def child(args) -> None:
     """One variant at one size in this (fresh) process: time and the peak memory the step adds."""
     device, dtype = args.device, getattr(torch, args.dtype)
@@ -75,7 +88,27 @@ def child(args) -> None:
                                         seed=0, offset=step)
 
     fn = make_step(B, N, K)
-    report(measure_in_child(fn, warmup=1, repeat=args.repeat, device=device, prewarm=make_step(1, 8, 64)))
+    result = measure_in_child(fn, warmup=1, repeat=args.repeat, device=device, prewarm=make_step(1, 8, 64))
+    if device == "cuda":
+        result["gpu_s"] = back_to_back_gpu_time(fn)
+    report(result)
+
+
+def back_to_back_gpu_time(fn, calls: int = 20) -> float:
+    """Seconds per call of `calls` calls issued back to back between two CUDA events (median of 5 such runs): the
+    device time of the step, without the host's launch overhead or a synchronisation per call."""
+    import statistics
+
+    times = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / calls)
+    return statistics.median(times)
 
 
 def main(argv=None):
@@ -93,7 +126,7 @@ def main(argv=None):
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args(argv)
     cuda = args.device == "cuda"
-    args.batch = args.batch or (16 if cuda else 8)
+    args.batch = args.batch or 8
     if args.child:
         return child(args)
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else ([1024] if cuda else [256, 1024])
@@ -102,6 +135,9 @@ def main(argv=None):
     print(f"# MaskGIT step with guidance {args.guidance}: eager Show-o step vs fused unif2ace.ops.maskgit_step")
     print(f"# {machine_line()}; device {args.device}; median of {args.repeat} runs after 1 warm-up; each variant in "
           "a fresh process (peak = memory the step adds)\n")
+    bandwidth = copy_bandwidth() if cuda else None
+    if bandwidth:
+        print(f"# device copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write)\n")
     rows, results = [], []
     for N in sizes:
         for dtype in dtypes:
@@ -116,10 +152,18 @@ def main(argv=None):
                 results.append(dict(config=f"B={B} N={N} K={K} {dtype}", b=B, n=N, k=K, dtype=dtype,
                                     device=args.device, variant=variant, **r[variant]))
             e, f = r["eager"], r["fused"]
-            rows.append([B, N, K, dtype, ms(e["time_s"]), ms(f["time_s"]), f"{e['time_s'] / f['time_s']:.1f}x",
-                         mib(e["peak_bytes"]), mib(f["peak_bytes"]), rss_mib(e), rss_mib(f)])
+            row = [B, N, K, dtype, ms(e["time_s"]), ms(f["time_s"]), f"{e['time_s'] / f['time_s']:.1f}x",
+                   mib(e["peak_bytes"]), mib(f["peak_bytes"]), rss_mib(e), rss_mib(f)]
+            if bandwidth:
+                floor = 2 * B * N * K * torch.finfo(getattr(torch, dtype)).bits / 8 / bandwidth
+                results[-1].update(floor_s=floor, floor_share=floor / f["gpu_s"])
+                row += [f"{e['gpu_s'] * 1e3:.3f}", f"{f['gpu_s'] * 1e3:.3f}", f"{floor * 1e3:.3f}",
+                        f"{100 * floor / f['gpu_s']:.0f}%"]
+            rows.append(row)
     print(format_table(["B", "N", "K", "dtype", "eager Show-o (ms)", "fused (ms)", "speed-up", "eager peak MiB",
-                        "fused peak MiB", "eager peak RSS MiB", "fused peak RSS MiB"], rows))
+                        "fused peak MiB", "eager peak RSS MiB", "fused peak RSS MiB"]
+                       + (["eager GPU ms", "fused GPU ms", "HBM floor (ms)", "fused share of floor"] if bandwidth
+                          else []), rows))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"machine": machine_line(), "results": results}, fh, indent=2)

@@ -315,9 +315,12 @@ def test_generate_inpainting_keeps_given_tokens():
 # ---------------------------------------------------------------------------------------------------------
 # CUDA: same results as the CPU kernel
 # ---------------------------------------------------------------------------------------------------------
+# K picks the CUDA row kernel: one warp per row (K <= 1024), 4 / 8 / 16 warps per row (<= 4096 / 8192 / 16384),
+# the generic kernel above; K not a multiple of 8 (bf16/fp16) or 4 (fp32) takes scalar loads.
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("B,N,K", [(1, 1, 5), (2, 17, 33), (3, 256, 1000), (2, 1024, 8192), (1, 8, 20000)])
+@pytest.mark.parametrize("B,N,K", [(1, 1, 5), (2, 17, 33), (3, 256, 1000), (2, 9, 1024), (2, 40, 1025), (1, 33, 3000),
+                                   (2, 1024, 8192), (1, 20, 12004), (1, 7, 16384), (1, 8, 20000), (1, 5000, 16)])
 def test_cuda_matches_cpu(B, N, K, dtype):
     cond, uncond, tokens = make_case(B, N, K, dtype)
     for step, guided in ((0, True), (3, False), (7, True)):
@@ -332,6 +335,28 @@ def test_cuda_matches_cpu(B, N, K, dtype):
         assert torch.equal(a[1], b[1].cpu())
         assert torch.equal(a[0], b[0].cpu())
         assert torch.equal(a[2], b[2].cpu())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_unaligned_rows_and_ties_match_cpu(dtype):
+    B, N, K = 2, 300, 1024
+    cond, uncond, tokens = make_case(B, N, K, dtype, seed=3)
+    # Logits starting one element past a 16-byte boundary: the kernel must fall back to scalar loads.
+    flat = torch.empty(B * N * K + 1, dtype=dtype, device="cuda")
+    flat[1:] = cond.cuda().view(-1)
+    shifted = flat[1:].view(B, N, K)
+    assert shifted.data_ptr() % 16 != 0
+    kw = dict(mask_id=K, seed=5, offset=2, return_confidence=True)
+    a = ops.maskgit_step(cond, tokens, 2, 8, **kw)
+    b = ops.maskgit_step(shifted, tokens.cuda(), 2, 8, **kw)
+    assert all(torch.equal(x, y.cpu()) for x, y in zip(a, b))
+    # Equal rows and no confidence noise: every masked position ties, the re-masked ones are the lowest positions.
+    flat_rows = torch.zeros(B, N, K, dtype=dtype)
+    kw = dict(mask_id=K, seed=1, choice_temperature=0.0, return_confidence=True)
+    a = ops.maskgit_step(flat_rows, tokens, 0, 8, **kw)
+    b = ops.maskgit_step(flat_rows.cuda(), tokens.cuda(), 0, 8, **kw)
+    assert all(torch.equal(x, y.cpu()) for x, y in zip(a, b))
 
 
 @pytest.mark.cuda

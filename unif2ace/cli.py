@@ -215,6 +215,8 @@ TRAIN_HELP = {
     "beta2": "AdamW β2",
     "grad_clip": "gradient-norm clipping; 0 disables it",
     "precision": "'auto': bf16 autocast on CUDA with bf16, fp32 elsewhere",
+    "activation_checkpointing": "recompute each block's activations in the backward (less memory, one more forward)",
+    "compile_blocks": "torch.compile the transformer blocks (faster steps after about a minute of compilation)",
     "seed": "seed of the weights, the data order and all masking",
     "checkpoint_every": "steps between checkpoints",
     "keep_checkpoints": "newest checkpoints kept",

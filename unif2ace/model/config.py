@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 MODEL_TYPE = "unif2ace"
 BACKENDS = ("kernels", "reference")
+ATTENTION_IMPLS = ("auto", "sdpa", "flex")
 SEQ_EXPERT_KINDS = ("copy", "zero", "clip", "face", "noise")
 
 # Offsets of the special tokens after the text vocabulary, in Show-o's order.
@@ -93,6 +94,10 @@ class UniF2aceConfig:
     caption_dropout: float = 0.1  # probability that a generation sample's caption is emptied (guidance)
 
     backend: str = "kernels"
+    # attention kernel for full sequences (training, prefill, MaskGIT): "flex" = flex_attention with the omni mask as
+    # a block mask (masked tiles skipped), "sdpa" = scaled_dot_product_attention with a dense boolean mask, "auto" =
+    # flex on CUDA, sdpa elsewhere. Decoding steps always use sdpa; the reference backend its own eager attention.
+    attention: str = "auto"
 
     # --- derived vocabulary layout ---
     @property
@@ -156,6 +161,7 @@ class UniF2aceConfig:
         need(self.clip_encoder in ("builtin", "external") and self.face_encoder in ("builtin", "external"),
              "clip_encoder / face_encoder must be 'builtin' or 'external'")
         need(self.backend in BACKENDS, f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        need(self.attention in ATTENTION_IMPLS, f"attention must be one of {ATTENTION_IMPLS}, got {self.attention!r}")
         need(self.num_image_tokens + 64 <= self.max_position_embeddings, "max_position_embeddings too small")
 
     # --- serialisation (config.json carries "model_type": "unif2ace", as transformers configs do) ---

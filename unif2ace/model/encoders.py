@@ -33,8 +33,8 @@ class BuiltinImageEncoder(nn.Module):
         if self.conv.weight.is_meta:
             return
         g = torch.Generator(device="cpu").manual_seed(seed)
-        for p in self.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) / max(1, p[0].numel()) ** 0.5)
+        for p in self.parameters():  # drawn on the CPU whatever the default device, so every device gets the same
+            p.copy_(torch.randn(p.shape, generator=g, device="cpu") / max(1, p[0].numel()) ** 0.5)
 
     def forward(self, images: Tensor) -> Tensor:
         x = torch.nn.functional.gelu(self.conv(images))

@@ -39,7 +39,9 @@ from torch import Tensor, nn
 
 from unif2ace import ops
 from unif2ace.model import checkpoint
-from unif2ace.model.attention import Attention, KVCache, image_block_ids, omni_attention_mask
+from unif2ace.model.attention import (Attention, StaticKVCache, flex_available, omni_attention_mask,
+                                      omni_block_mask)
+from unif2ace.model.graphs import GraphedCall
 from unif2ace.model.batch import IGNORE_INDEX, generation_prefix
 from unif2ace.model.config import UniF2aceConfig
 from unif2ace.model.encoders import BuiltinImageEncoder, freeze
@@ -78,8 +80,8 @@ class Block(nn.Module):
             resampler_hidden=c.resampler_hidden_size, backend=c.backend,
         )
 
-    def forward(self, x: Tensor, positions: Tensor, attn_mask: Tensor, padding_mask: Tensor, task: Tensor,
-                context_mask: Tensor, embeddings: dict, cache: Optional[KVCache] = None, layer: int = 0
+    def forward(self, x: Tensor, positions: Tensor, attn_mask, padding_mask: Tensor, task: Tensor,
+                context_mask: Tensor, embeddings: dict, cache=None, layer: int = 0
                 ) -> tuple[Tensor, Tensor, Tensor]:
         h = self.input_layernorm(x)
         moe_out, token_balance = self.token_moe(h, task, padding_mask)  # pads stay out of the balance statistics
@@ -115,6 +117,7 @@ class UniF2aceModel(nn.Module):
         self.lm_head = nn.Linear(c.hidden_size, c.vocab_size)
         self.clip_encoder = freeze(clip_encoder or BuiltinImageEncoder(c.clip_embed_dim, seed=_CLIP_SEED))
         self.face_encoder = freeze(face_encoder or BuiltinImageEncoder(c.face_embed_dim, seed=_FACE_SEED))
+        self.activation_checkpointing = False
         self.reset_parameters()
 
     @torch.no_grad()
@@ -201,35 +204,92 @@ class UniF2aceModel(nn.Module):
         ctx = real & torch.where((task == 1)[:, None], before_image, before_answer)
         return torch.where(ctx.any(-1, keepdim=True), ctx, real)  # never an empty pool
 
+    def uses_flex_attention(self, device: torch.device) -> bool:
+        """Whether full-sequence forwards on `device` run flex_attention with a block mask (config.attention)."""
+        c = self.config
+        if c.backend == "reference" or c.attention == "sdpa":
+            return False
+        if c.attention == "flex":
+            return True
+        return device.type == "cuda" and flex_available(device, backward=torch.is_grad_enabled())
+
+    def attention_mask(self, input_ids: Tensor, padding_mask: Tensor):
+        """The omni-attention mask of a batch in the form the attention kernel takes: a flex_attention BlockMask
+        (see uses_flex_attention) or the dense boolean [B, 1, L, L] mask."""
+        c = self.config
+        if self.uses_flex_attention(input_ids.device):
+            return omni_block_mask(input_ids, padding_mask, c.soi_token_id, c.eoi_token_id)
+        return omni_attention_mask(input_ids, padding_mask, c.soi_token_id, c.eoi_token_id)
+
+    def set_activation_checkpointing(self, enabled: bool = True) -> None:
+        """In training, recompute each block's activations in the backward instead of keeping them (one more forward
+        per step for activation memory of one block instead of all of them)."""
+        self.activation_checkpointing = bool(enabled)
+
+    def compile_blocks(self, **compile_kwargs) -> None:
+        """torch.compile every transformer block in place (the blocks share their code, so one compilation serves
+        all of them); `compile_kwargs` go to torch.compile. Inductor is set to draw random numbers with torch's own
+        generator (`fallback_random`), so the Noise expert draws the same noise compiled or not: compiling changes
+        the step's speed, not what it computes."""
+        import torch._inductor.config as inductor_config
+
+        inductor_config.fallback_random = True
+        for block in self.layers:
+            block.compile(**compile_kwargs)
+
     def transformer(self, input_ids: Tensor, padding_mask: Tensor, task: Tensor, *, context_mask: Tensor,
-                    embeddings: dict, attn_mask: Optional[Tensor] = None, cache: Optional[KVCache] = None
-                    ) -> tuple[Tensor, Tensor, Tensor]:
+                    embeddings: dict, attn_mask=None, cache=None) -> tuple[Tensor, Tensor, Tensor]:
         """Final hidden states [B, L, H] (after the final LayerNorm) and the mean token / sequence balance losses
-        over the layers. With a non-empty `cache`, input_ids are new text tokens appended after the cached ones
-        (causal, all real); `context_mask` is then the prefill's."""
+        over the layers. `attn_mask`: a precomputed attention_mask(input_ids, padding_mask), else built here.
+
+        With a cache (KVCache or StaticKVCache) the first call is the prefill (a normal forward that fills the
+        cache); after it, input_ids are new text tokens appended after the cached ones (causal, all real) and
+        `context_mask` is still the prefill's. With a StaticKVCache those calls read no host value: positions come
+        from the cache's device-side counter."""
         B, L = input_ids.shape
         device = input_ids.device
         padding_mask = padding_mask.bool()
-        start = cache.length if cache is not None else 0
-        positions = torch.arange(start, start + L, device=device)
-        if start > 0:
-            key_mask = torch.cat([cache.key_padding_mask, padding_mask.bool()], dim=1)  # [B, T]
+        static = isinstance(cache, StaticKVCache)
+        decoding = cache is not None and (cache.prefill_length > 0 if static else cache.length > 0)
+        if decoding and static:
+            positions = cache.position + torch.arange(L, device=device)
+            cache.key_padding_mask.index_copy_(1, positions, padding_mask)
+            key_pos = torch.arange(cache.max_length, device=device)
+            attn_mask = (cache.key_padding_mask[:, None, None, :]
+                         & (key_pos[None, None, None, :] <= positions[None, None, :, None]))
+        elif decoding:
+            start = cache.length
+            positions = torch.arange(start, start + L, device=device)
+            key_mask = torch.cat([cache.key_padding_mask, padding_mask], dim=1)  # [B, T]
             key_pos = torch.arange(start + L, device=device)
             attn_mask = key_mask[:, None, None, :] & (key_pos[None, None, None, :] <= positions[None, None, :, None])
             cache.key_padding_mask = key_mask
         else:
+            positions = torch.arange(L, device=device)
             if attn_mask is None:
-                attn_mask = omni_attention_mask(input_ids, padding_mask, self.config.soi_token_id,
-                                                self.config.eoi_token_id)
-            if cache is not None:
-                cache.key_padding_mask = padding_mask.bool()
+                attn_mask = self.attention_mask(input_ids, padding_mask)
+            if static:
+                cache.key_padding_mask[:, :L] = padding_mask
+            elif cache is not None:
+                cache.key_padding_mask = padding_mask
         x = self.embed_tokens(input_ids)
         token_balance = x.new_zeros((), dtype=torch.float32)
         seq_balance = x.new_zeros((), dtype=torch.float32)
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled() and cache is None
         for i, block in enumerate(self.layers):
-            x, tb, sb = block(x, positions, attn_mask, padding_mask, task, context_mask, embeddings, cache, i)
+            args = (x, positions, attn_mask, padding_mask, task, context_mask, embeddings, cache, i)
+            if recompute:
+                x, tb, sb = torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+            else:
+                x, tb, sb = block(*args)
             token_balance = token_balance + tb.float()
             seq_balance = seq_balance + sb.float()
+        if static:
+            if decoding:
+                cache.position.add_(L)
+            else:
+                cache.position.fill_(L)
+                cache.prefill_length = L
         n = max(1, len(self.layers))
         return self.final_layernorm(x), token_balance / n, seq_balance / n
 
@@ -333,14 +393,19 @@ class UniF2aceModel(nn.Module):
     def generate_images(self, prompt_ids: Sequence[Sequence[int]], *, steps: int = 18, guidance_scale: float = 0.0,
                         temperature: float = 1.0, choice_temperature: float = 1.0, seed: int = 0,
                         init_codes: Optional[Tensor] = None, negative_prompt_ids: Optional[Sequence[Sequence[int]]] = None,
-                        progress: Union[bool, dict] = False) -> Tensor:
+                        progress: Union[bool, dict] = False, cuda_graphs: bool = True) -> Tensor:
         """Text-to-image: image codes [B, N] in [0, K) for captions given as token-id lists (no special tokens).
 
         MaskGIT sampling (unif2ace.ops.maskgit_generate) over `steps` steps from an all-masked image (or from
         `init_codes` [B, N] with K marking unknown positions, for inpainting). With guidance_scale > 0 each step
-        also runs the unconditional prompt (an empty caption, what caption dropout trains) in the same batch and
-        uses z_cond + g·(z_cond − z_uncond); `negative_prompt_ids` (one caption per row) replace the empty caption
-        there. The same seed gives the same codes. `progress`: a progress bar over the steps (a dict: its options).
+        also runs the unconditional prompt (an empty caption, what caption dropout trains) in the same batch — one
+        forward of 2B rows — and uses z_cond + g·(z_cond − z_uncond); `negative_prompt_ids` (one caption per row)
+        replace the empty caption there. The same seed gives the same codes. `progress`: a progress bar over the
+        steps (a dict: its options).
+
+        No step waits for the host: the logits stay in the model's dtype for the fused step kernel, and on CUDA the
+        forward (fixed shapes for the whole loop) is recorded once as a CUDA graph and replayed for the other steps
+        (cuda_graphs=True; False runs it eagerly; ignored on the CPU).
         """
         c = self.config
         B, N, K = len(prompt_ids), c.num_image_tokens, c.codebook_size
@@ -362,18 +427,25 @@ class UniF2aceModel(nn.Module):
         input_ids = torch.cat([prefix_ids, tail], dim=1)
         padding_mask = torch.cat([prefix_real, torch.ones_like(tail, dtype=torch.bool)], dim=1)
         task = torch.ones(rows, dtype=torch.long, device=device)
-        attn_mask = omni_attention_mask(input_ids, padding_mask, c.soi_token_id, c.eoi_token_id)
+        attn_mask = self.attention_mask(input_ids, padding_mask)
         context = self.context_mask(input_ids, padding_mask, task)
         embeddings = self.image_embeddings(rows, device)
         weight, bias = self.image_head()
+        tokens_in = torch.empty(B, N, dtype=torch.long, device=device)  # the step's input, updated in place
+
+        def forward() -> Tensor:
+            img = torch.where(tokens_in == K, c.mask_token_id, tokens_in + c.image_token_offset)
+            input_ids[:, P:P + N] = img.repeat(rows // B, 1)
+            hidden, _, _ = self.transformer(input_ids, padding_mask, task, context_mask=context,
+                                            embeddings=embeddings, attn_mask=attn_mask)
+            return F.linear(hidden[:, P:P + N], weight, bias)
+
+        step_forward = GraphedCall(forward, enabled=cuda_graphs and device.type == "cuda",
+                                   name="generate_images forward")
 
         def logits_fn(tokens: Tensor):
-            img = torch.where(tokens == K, c.mask_token_id, tokens + c.image_token_offset)
-            ids = input_ids.clone()
-            ids[:, P:P + N] = img.repeat(rows // B, 1)
-            hidden, _, _ = self.transformer(ids, padding_mask, task, context_mask=context, embeddings=embeddings,
-                                            attn_mask=attn_mask)
-            logits = F.linear(hidden[:, P:P + N], weight, bias).float()
+            tokens_in.copy_(tokens)
+            logits = step_forward()
             return logits.chunk(2) if guidance_scale > 0 else logits
 
         if init_codes is None:
@@ -395,20 +467,7 @@ class UniF2aceModel(nn.Module):
         return ops.sample_next_token(logits, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                                      offset=step)
 
-    @torch.no_grad()
-    def generate_text(self, prefix_ids: Union[Sequence[Sequence[int]], Tensor], *, max_new_tokens: int = 64,
-                      temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-                      image_codes: Optional[Tensor] = None, images: Optional[Tensor] = None,
-                      embeddings: Optional[dict] = None) -> list[list[int]]:
-        """Understanding: continues each prefix with a KV cache until <|eot|> or max_new_tokens; returns the new
-        token ids per row (without the <|eot|>).
-
-        With `image_codes` [B, N] the prefix is the prompt text and the image block is put in front of it:
-        <|mmu|> <|soi|> codes <|eoi|> <|sot|> prefix. Without, each prefix is a complete token sequence (already
-        holding its image block, if any). Prefixes of different lengths are left-padded. `images` or
-        `embeddings` feed the CLIP/Face experts (zeros otherwise). Sampling: unif2ace.ops.sample_next_token over
-        the text head (text + special tokens), temperature / top_k / top_p, reproducible with `seed`.
-        """
+    def _text_rows(self, prefix_ids, image_codes) -> list[list[int]]:
         c = self.config
         rows = prefix_ids.tolist() if isinstance(prefix_ids, Tensor) else [list(p) for p in prefix_ids]
         if image_codes is not None:
@@ -417,35 +476,78 @@ class UniF2aceModel(nn.Module):
                 raise ValueError(f"image_codes has {len(codes)} rows, prefixes {len(rows)}")
             rows = [[c.mmu_token_id, c.soi_token_id] + [c.image_token_offset + v for v in cr]
                     + [c.eoi_token_id, c.sot_token_id] + r for cr, r in zip(codes, rows)]
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        return rows
+
+    @torch.no_grad()
+    def generate_text(self, prefix_ids: Union[Sequence[Sequence[int]], Tensor], *, max_new_tokens: int = 64,
+                      temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                      image_codes: Optional[Tensor] = None, images: Optional[Tensor] = None,
+                      embeddings: Optional[dict] = None, cuda_graphs: bool = True,
+                      eot_check_every: Optional[int] = None) -> list[list[int]]:
+        """Understanding: continues each prefix until <|eot|> or max_new_tokens; returns the new token ids per row
+        (without the <|eot|>).
+
+        With `image_codes` [B, N] the prefix is the prompt text and the image block is put in front of it:
+        <|mmu|> <|soi|> codes <|eoi|> <|sot|> prefix. Without, each prefix is a complete token sequence (already
+        holding its image block, if any). Prefixes of different lengths are left-padded (masked out of attention;
+        rotary positions count from the row's first column, which leaves every query-key distance as without
+        padding). `images` or `embeddings` feed the CLIP/Face experts (zeros otherwise). Sampling:
+        unif2ace.ops.sample_next_token over the text head (text + special tokens), temperature / top_k / top_p,
+        token t of every row drawn with Philox offset t of `seed`, so the output depends on the seed only.
+
+        Decoding uses a preallocated KV cache (StaticKVCache): a step writes its keys in place at a position held on
+        the device, so no step reads anything back to the host. The host asks whether every row has emitted
+        <|eot|> only every `eot_check_every` steps (default: 8 on CUDA, where each check waits for the GPU; 1 on
+        the CPU, where it costs nothing; rows that finished emit padding meanwhile, which is cut off), and on CUDA
+        the step is recorded once as a CUDA graph and replayed per token (cuda_graphs=True; False runs it eagerly;
+        ignored on the CPU). The tokens are the same either way.
+        """
+        c = self.config
+        rows = self._text_rows(prefix_ids, image_codes)
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
         self._check_fits([len(r) for r in rows], max_new_tokens, "max_new_tokens")
         ids, real = self._pad_left(rows)
         B, P = ids.shape
+        if eot_check_every is None:
+            eot_check_every = 8 if ids.device.type == "cuda" else 1
+        if not isinstance(eot_check_every, int) or isinstance(eot_check_every, bool) or eot_check_every < 1:
+            raise ValueError(f"eot_check_every: must be a positive int, got {eot_check_every!r}")
+        if max_new_tokens == 0:
+            return [[] for _ in range(B)]
         device = ids.device
         task = torch.zeros(B, dtype=torch.long, device=device)
         emb = self.image_embeddings(B, device, images, embeddings)
-        cache = KVCache(len(self.layers))
+        cache = StaticKVCache(len(self.layers), B, P + max_new_tokens, device)
+        weight, bias = self.text_head()
+        token_in = torch.empty(B, 1, dtype=torch.long, device=device)  # the step's input, updated in place
+        new_real = torch.ones(B, 1, dtype=torch.bool, device=device)
+
+        def decode_step() -> Tensor:
+            hidden, _, _ = self.transformer(token_in, new_real, task, context_mask=real, embeddings=emb, cache=cache)
+            return F.linear(hidden[:, -1], weight, bias).float()
+
+        step_logits = GraphedCall(decode_step, enabled=cuda_graphs and device.type == "cuda",
+                                  name="generate_text decode step")
+        out = torch.full((B, max_new_tokens), c.pad_token_id, dtype=torch.long, device=device)
+        done = torch.zeros(B, dtype=torch.bool, device=device)
         with self._eval_mode():
             hidden, _, _ = self.transformer(ids, real, task, context_mask=real, embeddings=emb, cache=cache)
-            weight, bias = self.text_head()
-            done = torch.zeros(B, dtype=torch.bool, device=device)
-            out = []
+            logits = F.linear(hidden[:, -1], weight, bias).float()
+            n = 0
             for step in range(max_new_tokens):
-                logits = F.linear(hidden[:, -1], weight, bias).float()
                 token = self._sample_next_token(logits, temperature, top_k, top_p, seed, step)
-                token = torch.where(done, torch.full_like(token, c.pad_token_id), token)
-                out.append(token)
-                done = done | (token == c.eot_token_id)
-                if bool(done.all()) or step + 1 == max_new_tokens:
+                token = torch.where(done, c.pad_token_id, token)
+                out[:, step] = token
+                done |= token == c.eot_token_id
+                n = step + 1
+                if n == max_new_tokens or (n % eot_check_every == 0 and bool(done.all())):
                     break
-                hidden, _, _ = self.transformer(token[:, None], torch.ones_like(token[:, None], dtype=torch.bool),
-                                                task, context_mask=real, embeddings=emb, cache=cache)
-        tokens = torch.stack(out, dim=1).tolist() if out else [[] for _ in range(B)]
+                token_in.copy_(token[:, None])
+                logits = step_logits()
         result = []
-        for row in tokens:
-            row = row[:row.index(c.eot_token_id)] if c.eot_token_id in row else row
-            result.append(row)
+        for row in out[:, :n].tolist():
+            result.append(row[:row.index(c.eot_token_id)] if c.eot_token_id in row else row)
         return result
 
     # ------------------------------------------------------------------------------------------------------

@@ -41,6 +41,8 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0             # 0 disables clipping
     precision: str = "auto"            # "auto" (bf16 autocast on CUDA with bf16, fp32 elsewhere), "bf16", "fp32"
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward (less memory)
+    compile_blocks: bool = False       # torch.compile the transformer blocks (one compilation shared by all blocks)
     seed: int = 0
 
     # --- bookkeeping ---
@@ -98,6 +100,8 @@ class TrainConfig:
         yield number("beta2", 0, 1, below_high=True)
         yield number("grad_clip", 0, below_high=True)
         yield choice("precision", ("auto", "bf16", "fp32"))
+        yield choice("activation_checkpointing", (False, True))
+        yield choice("compile_blocks", (False, True))
         yield integer("seed", 0)
         yield integer("checkpoint_every", 1)
         yield integer("keep_checkpoints", 0)

@@ -97,14 +97,16 @@ def lr_lambda(cfg: TrainConfig):
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW; matrices decay, biases, norms and the embedding do not."""
+    """AdamW; matrices decay, biases, norms and the embedding do not. The parameters and the optimizer state stay
+    fp32 (bf16 autocast only lowers the matrix products); on CUDA the update is the fused AdamW kernel."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         (decay if p.dim() >= 2 and "embed_tokens" not in name else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    fused = not cfg.fsdp and bool(decay + no_decay) and all(p.is_cuda for p in decay + no_decay)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused or None)
 
 
 def to_device(batch, device):
@@ -170,6 +172,10 @@ def train(cfg: TrainConfig, *, data: Optional[TokenizedFaces] = None, tokenizers
         model = (UniF2aceModel.from_pretrained(cfg.init_from) if cfg.init_from else
                  UniF2aceModel(model_config_for(image_tok, text_tok, cfg.model_preset, **cfg.model_overrides)))
         model.to(device)
+        # Speed / memory options of the step (they do not change what is computed).
+        model.set_activation_checkpointing(cfg.activation_checkpointing)
+        if cfg.compile_blocks:
+            model.compile_blocks()
         if data is None:
             data = tokenize_data(cfg, model, image_tok, text_tok, device, rank, world)
         micro_per_step = cfg.batch_size // cfg.micro_batch_size
