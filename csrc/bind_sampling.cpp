@@ -144,7 +144,7 @@ void bind_sampling(py::module_& m) {
         py::arg("new_tokens"), py::arg("sampled"), py::arg("confidence"), py::arg("mask_id"),
         py::arg("guidance_scale"), py::arg("inv_temperature"), py::arg("noise_scale"), py::arg("n_base"),
         py::arg("last_step"), py::arg("seed"), py::arg("offset"), py::arg("stream") = 0,
-        "One fused MaskGIT step (DESIGN §6) into new_tokens[B, N], sampled[B, N], confidence[B, N].");
+        "One fused MaskGIT step (docs/design.md §6) into new_tokens[B, N], sampled[B, N], confidence[B, N].");
   m.def("sample_next_token", &sample_next_token, py::arg("logits"), py::arg("out"), py::arg("inv_temperature"),
         py::arg("greedy"), py::arg("top_k"), py::arg("top_p"), py::arg("seed"), py::arg("offset"),
         py::arg("stream") = 0, "Temperature / top-k / top-p draw of one token per row of logits[B, V].");
