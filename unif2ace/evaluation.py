@@ -3,7 +3,7 @@
 Four numbers, each printed beside a reference or baseline so it can be judged, then a per-attribute table:
 
 * generation attribute accuracy — the judge, a small CNN attribute classifier (one head per schema attribute,
-  trained on the rendered train-split images at full pixel resolution), judges each generated face on every
+  trained on the rendered train- and validation-split images at full pixel resolution), judges each generated face on every
   attribute its prompt (a held-out short caption) states. Beside it: the judge's accuracy on the real held-out
   images of those captions (the ceiling this judge allows) and its mean per-attribute accuracy on all real held-out
   faces, chance (1/number of values, averaged over the judged attributes) and the majority-value rate.
@@ -292,7 +292,7 @@ def majority_caption(train_records: list[dict]) -> str:
 # ----------------------------------------------------------------------------------------------------------
 # The whole evaluation
 # ----------------------------------------------------------------------------------------------------------
-CLASSIFIER_DEFAULTS = dict(steps=2000, batch_size=64, lr=3e-3, width=16, shift=2)
+CLASSIFIER_DEFAULTS = dict(steps=2500, batch_size=64, lr=3e-3, width=20, shift=2)
 
 
 def evaluate(pipe, data_dir: str, *, out_dir: Optional[str] = None, classifier: Optional[AttributeClassifier] = None,
@@ -310,10 +310,13 @@ def evaluate(pipe, data_dir: str, *, out_dir: Optional[str] = None, classifier: 
     if not test_records:
         raise ValueError(f"{data_dir}: no test split records to evaluate on")
     if classifier is None:
+        # the judge learns from every face outside the test split (train and validation identities): with 2,000
+        # faces it overfits identity traits such as eye colour, with 6,400+ it does not (docs/ablations.md)
+        val_images, val_records = load_split(data_dir, "validation", size)
         settings = dict(CLASSIFIER_DEFAULTS, steps=classifier_steps, seed=seed)
         clf_path = os.path.join(out_dir, "attribute_classifier.pt") if out_dir else ""
-        classifier = cached_classifier(clf_path, train_images, label_tensor(train_records), settings,
-                                       progress=progress, log=log)
+        classifier = cached_classifier(clf_path, torch.cat([train_images, val_images]),
+                                       label_tensor(train_records + val_records), settings, progress=progress, log=log)
     res: dict = {"num_train_images": len(train_records), "num_test_images": len(test_records)}
 
     # --- the judge on every real held-out face: per attribute (where visible) and over the caption attributes ---
