@@ -80,6 +80,17 @@ def test_eval(run, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "Generation attribute accuracy" in text and "VQA exact match" in text
     assert os.path.exists(os.path.join(out, "eval.json")) and os.path.exists(os.path.join(out, "eval_table.md"))
+    assert "judge (attribute classifier) on the real held-out faces" in text  # its accuracy beside its score
+    # the judge cached in --out-dir is reused only with the same settings, and says so; other settings retrain it
+    small = ["--num-generate", "2", "--num-vqa", "2", "--num-captions", "2", "--num-inference-steps", "1",
+             "--no-progress", "--threads", "1"]
+    assert main(["eval", "--model", run["out"], "--data-dir", run["data"], "--out-dir", out,
+                 "--classifier-steps", "5", *small]) == 0
+    assert "attribute classifier: reusing" in capsys.readouterr().out
+    assert main(["eval", "--model", run["out"], "--data-dir", run["data"], "--out-dir", out,
+                 "--classifier-steps", "6", *small]) == 0
+    text = capsys.readouterr().out
+    assert "retraining" in text and "steps 5 → 6" in text and "reusing" not in text
     old = str(tmp_path / "eval-old")  # the older --data / --out spellings
     assert main(["eval", "--model", run["out"], "--data", run["data"], "--out", old, "--num-generate", "2",
                  "--num-vqa", "2", "--num-captions", "2", "--steps", "1", "--classifier-steps", "2",

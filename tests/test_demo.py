@@ -90,12 +90,12 @@ def test_stage_cache_follows_the_settings(tmp_path, capsys):
     fake_demo(full, calls)
     assert calls == list(STAGES)
     text = capsys.readouterr().out
-    assert "[data] settings differ from the cached run (num_images 240 → 2500" in text
+    assert f"[data] settings differ from the cached run (num_images {quick.num_images} → {full.num_images}" in text
     assert "[train] settings differ from the cached run (model_overrides changed; steps 30 → 3000" in text
     with open(os.path.join(out, "data")) as f:
-        assert f.read() == "data written with 2500 images\n"   # rebuilt from nothing, not appended to
+        assert f.read() == f"data written with {full.num_images} images\n"   # rebuilt from nothing, not appended to
     records = json.load(open(os.path.join(out, "stages.json")))
-    assert records["data"]["settings"]["num_images"] == 2500 and all(r["done"] for r in records.values())
+    assert records["data"]["settings"]["num_images"] == full.num_images and all(r["done"] for r in records.values())
 
 
 def test_interrupted_stage_reruns_in_place(tmp_path, capsys):

@@ -408,8 +408,9 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--num-generate", type=positive_int, default=64, help="faces generated from held-out captions")
     p.add_argument("--num-vqa", type=positive_int, default=400, help="held-out question-answer pairs")
     p.add_argument("--num-captions", type=positive_int, default=64, help="held-out faces captioned")
-    p.add_argument("--classifier-steps", type=positive_int, default=600,
-                   help="training steps of the attribute classifier that judges generated faces")
+    p.add_argument("--classifier-steps", type=positive_int, default=2500,
+                   help="training steps of the attribute classifier that judges generated faces (a classifier "
+                        "cached in --out-dir is reused only if trained with the same settings, code and data)")
     _sampling_args(p)
     _alias(p, "--data", "data_dir")
     _alias(p, "--out", "out_dir")

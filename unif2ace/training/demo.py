@@ -6,9 +6,10 @@ whose settings differ and everything after them):
 
     data              render synthetic faces (train / validation / test splits by identity)
     text_tokenizer    byte-level BPE on the train split's short captions, questions and answers
-    image_tokenizer   LFQ autoencoder, 32 px → 4 × 4 = 16 tokens of 256 codes
+    image_tokenizer   LFQ autoencoder, 32 px → 8 × 8 = 64 tokens of 256 codes
     train             a small UniF2ace (D3Diff loss, grouped token MoE and sequence MoE) on mixed batches
-    eval              attribute classifier, generation / understanding / caption metrics, the demo grid
+    eval              the judge (attribute classifier), generation / understanding / caption metrics per attribute,
+                      the demo grid
 
 The demo trains text-to-face on the short caption form (`unif2ace.training.data.short_caption`): a fixed-order list
 of the key visible attributes. It keeps sequences short, so a ~2M-parameter model learns both directions in
@@ -36,29 +37,31 @@ class DemoConfig:
     seed: int = 0
     threads: int = 0                   # torch CPU threads; 0 = all cores, or 1 when the machine is already busy
     # data
-    num_images: int = 2500
+    num_images: int = 8000             # rendering is cheap (~50 s); 6,400 train faces make the judge reliable
     resolution: int = 32
     # tokenizers
     text_vocab_size: int = 600
     tokenizer_channels: int = 16
+    tokenizer_downsample: int = 4      # 32 px → 8 × 8 = 64 tokens (8: 4 × 4 = 16 tokens lose most attributes)
     code_bits: int = 8                 # 256 image codes
-    tokenizer_steps: int = 600
-    tokenizer_batch: int = 16
-    tokenizer_max_seconds: float = 150.0
+    tokenizer_steps: int = 1000
+    tokenizer_batch: int = 32
+    tokenizer_max_seconds: float = 160.0
     # model and training
     model_preset: str = "tiny"
     model_overrides: dict = field(default_factory=lambda: dict(
         num_layers=3, hidden_size=128, num_heads=4, rotary_dim=16, experts_per_group=4, moe_top_k=2,
-        expert_hidden_size=128, shared_hidden_size=256, max_position_embeddings=128, caption_dropout=0.1))
+        expert_hidden_size=128, shared_hidden_size=256, max_position_embeddings=160, caption_dropout=0.1))
     steps: int = 3000                  # upper bound; the demo measures its step time and fits train_seconds
     min_steps: int = 100
-    train_seconds: float = 450.0
+    train_seconds: float = 360.0
     batch_size: int = 32
+    caption_fraction: float = 0.25     # share of understanding rows that are captioning (the rest VQA)
     lr: float = 3e-3
     warmup_steps: int = 100
-    train_max_seconds: float = 480.0   # hard stop (with a checkpoint) if the machine slows down mid-run
+    train_max_seconds: float = 400.0   # hard stop (with a checkpoint) if the machine slows down mid-run
     # evaluation
-    classifier_steps: int = 400
+    classifier_steps: int = 2500
     num_generate: int = 64
     num_vqa: int = 300
     num_captions: int = 48
@@ -83,9 +86,10 @@ class DemoConfig:
 STAGES = {
     "data": (("seed", "num_images", "resolution"), ()),
     "text_tokenizer": (("text_vocab_size",), ("data",)),
-    "image_tokenizer": (("tokenizer_channels", "code_bits", "tokenizer_steps", "tokenizer_batch",
+    "image_tokenizer": (("tokenizer_channels", "tokenizer_downsample", "code_bits", "tokenizer_steps", "tokenizer_batch",
                          "tokenizer_max_seconds"), ("data",)),
-    "train": (("model_preset", "model_overrides", "steps", "min_steps", "train_seconds", "batch_size", "lr",
+    "train": (("model_preset", "model_overrides", "steps", "min_steps", "train_seconds", "batch_size",
+               "caption_fraction", "lr",
                "warmup_steps", "train_max_seconds"), ("text_tokenizer", "image_tokenizer")),
     "eval": (("classifier_steps", "num_generate", "num_vqa", "num_captions", "sample_steps", "guidance_scale",
               "grid_images"), ("train",)),
@@ -219,8 +223,12 @@ def run_demo(cfg: DemoConfig, docs_dir: str = "") -> dict:
 
         ds = FaceDataset(data_dir, split="train", image_size=cfg.resolution)
         images = torch.stack([ds[i]["image"] for i in range(len(ds))])
-        icfg = ImageTokenizerConfig(ch=cfg.tokenizer_channels, enc_ch_mult=(1, 2, 2, 4), enc_num_res_blocks=(1, 1, 1, 1),
-                                    dec_ch_mult=(1, 2, 2, 4), dec_num_res_blocks=(1, 1, 1, 1), code_bits=cfg.code_bits,
+        mults = {4: (1, 2, 4), 8: (1, 2, 2, 4)}
+        if cfg.tokenizer_downsample not in mults:
+            raise ValueError(f"tokenizer_downsample must be 4 or 8, got {cfg.tokenizer_downsample!r}")
+        mult = mults[cfg.tokenizer_downsample]
+        icfg = ImageTokenizerConfig(ch=cfg.tokenizer_channels, enc_ch_mult=mult, enc_num_res_blocks=(1,) * len(mult),
+                                    dec_ch_mult=mult, dec_num_res_blocks=(1,) * len(mult), code_bits=cfg.code_bits,
                                     norm_groups=8, mid_attn=False, image_size=cfg.resolution)
         tcfg = ImageTokenizerTrainConfig(batch_size=cfg.tokenizer_batch, lr=2e-3, warmup_steps=min(50, cfg.tokenizer_steps // 5))
         model, hist = train_image_tokenizer(images, icfg, cfg.tokenizer_steps, train=tcfg, seed=cfg.seed,
@@ -232,7 +240,8 @@ def run_demo(cfg: DemoConfig, docs_dir: str = "") -> dict:
 
     tcfg = TrainConfig(data_dir=data_dir, tokenizer_dir=tok_dir, out_dir=run_dir, cache_dir=os.path.join(cfg.out, "cache"),
                        model_preset=cfg.model_preset, model_overrides=dict(cfg.model_overrides), steps=cfg.steps,
-                       batch_size=cfg.batch_size, micro_batch_size=cfg.batch_size, lr=cfg.lr,
+                       batch_size=cfg.batch_size, micro_batch_size=cfg.batch_size,
+                       caption_fraction=cfg.caption_fraction, lr=cfg.lr,
                        warmup_steps=cfg.warmup_steps, checkpoint_every=max(50, cfg.steps // 5), resume=True,
                        max_seconds=cfg.train_max_seconds, seed=cfg.seed)
 
