@@ -54,6 +54,19 @@ def _check_float(t: Tensor, name: str, dim: int) -> None:
         raise ValueError(f"{name}: dtype must be float32, bfloat16, float16 or float64, got {t.dtype}")
 
 
+_INT64_MAX = 2**63 - 1
+
+
+def _check_int(value, name: str, low: int = 1, high: int = _INT64_MAX) -> int:
+    """A Python int in [low, high] (bools are rejected: True would pass as 1). The custom ops take int64, so a larger
+    int would otherwise fail later with a conversion error that does not name the argument."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name}: must be an int, got {type(value).__name__} {value!r}")
+    if not low <= value <= high:
+        raise ValueError(f"{name}: must lie in [{low}, {high}], got {value}")
+    return value
+
+
 def _check_index(t: Tensor, name: str, shape: tuple, device: torch.device) -> None:
     if not isinstance(t, Tensor):
         raise ValueError(f"{name}: expected a tensor, got {type(t).__name__}")
@@ -70,16 +83,14 @@ def _check_index(t: Tensor, name: str, shape: tuple, device: torch.device) -> No
 # ----------------------------------------------------------------------------------------------------------
 def _check_gate(router_logits, group_ids, token_mask, num_groups, top_k):
     _check_float(router_logits, "router_logits", 2)
-    if not isinstance(num_groups, int) or num_groups <= 0:
-        raise ValueError(f"num_groups: must be a positive int, got {num_groups!r}")
+    _check_int(num_groups, "num_groups")
     n_tokens, n_cols = router_logits.shape
     if n_cols == 0 or n_cols % num_groups != 0:
         raise ValueError(
             f"router_logits: the number of columns ({n_cols}) must be a positive multiple of num_groups ({num_groups})"
         )
     n_experts = n_cols // num_groups
-    if not isinstance(top_k, int) or not 1 <= top_k <= n_experts:
-        raise ValueError(f"top_k: must lie in [1, {n_experts}] (the experts per group), got {top_k!r}")
+    _check_int(top_k, "top_k (at most the experts per group)", 1, n_experts)
     _check_index(group_ids, "group_ids", (n_tokens,), router_logits.device)
     if token_mask is not None:
         if token_mask.dtype != torch.bool or tuple(token_mask.shape) != (n_tokens,):
@@ -193,6 +204,9 @@ def moe_gate(
                               without tokens); differentiable — the P of the balance loss
     The selection is made on the logits (the same order as on the probabilities, without rounding ties).
     """
+    # The op layer takes int64: check the Python ints here, before the call converts them.
+    _check_int(num_groups, "num_groups")
+    _check_int(top_k, "top_k")
     gates, ids, counts, prob_mean, _ = torch.ops.unif2ace.moe_gate(
         router_logits, group_ids, token_mask, num_groups, top_k, renormalize
     )
@@ -316,8 +330,7 @@ def moe_sort(expert_ids: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
         raise ValueError(f"expert_ids: expected a 2-D int64 tensor [T, k], got {got}")
     if expert_ids.shape[1] == 0:
         raise ValueError("expert_ids: top_k (its second dimension) must be positive")
-    if not isinstance(num_experts, int) or num_experts <= 0:
-        raise ValueError(f"num_experts: must be a positive int, got {num_experts!r}")
+    _check_int(num_experts, "num_experts")
     return torch.ops.unif2ace.moe_sort(expert_ids, num_experts)
 
 
@@ -404,8 +417,7 @@ def moe_scatter_add_rows_(out: Tensor, rows: Tensor, slots: Tensor, top_k: int,
         raise ValueError(f"out: must be a contiguous {_acc_dtype(rows)} tensor (the accumulation dtype of "
                          f"{rows.dtype} rows), got {out.dtype}")
     _check_index(slots, "slots", (rows.shape[0],), rows.device)
-    if not isinstance(top_k, int) or top_k <= 0:
-        raise ValueError(f"top_k: must be a positive int, got {top_k!r}")
+    _check_int(top_k, "top_k")
     if weights is not None:
         _check_float(weights, "weights", 1)
         if weights.dtype != out.dtype or weights.shape[0] != out.shape[0] * top_k:
@@ -717,9 +729,9 @@ def moe_experts(
 
 def balance_loss(expert_counts: Tensor, router_prob_mean: Tensor, num_groups: int) -> Tensor:
     """Σ_g E·Σ_e f_e·P_e (DESIGN §5): f_e = expert_counts / (the group's routed (token, slot) pairs),
-    P_e = router_prob_mean. A group without tokens contributes 0. Differentiable through router_prob_mean."""
-    if not isinstance(num_groups, int) or num_groups <= 0:
-        raise ValueError(f"num_groups: must be a positive int, got {num_groups!r}")
+    P_e = router_prob_mean. A group without tokens contributes 0. Differentiable through router_prob_mean.
+    Negative expert_counts raise ValueError on the CPU; CUDA counts are trusted (checking them would synchronise)."""
+    _check_int(num_groups, "num_groups")
     if not isinstance(expert_counts, Tensor) or expert_counts.dim() != 1 or expert_counts.dtype != torch.int64:
         got = (f"{expert_counts.dtype} {list(expert_counts.shape)}" if isinstance(expert_counts, Tensor)
                else type(expert_counts).__name__)
@@ -732,6 +744,10 @@ def balance_loss(expert_counts: Tensor, router_prob_mean: Tensor, num_groups: in
     if router_prob_mean.shape != expert_counts.shape:
         raise ValueError(f"router_prob_mean: expected shape [{n}] (that of expert_counts), "
                          f"got {list(router_prob_mean.shape)}")
+    # Negative counts (not from moe_gate) would make the fractions meaningless. The check reads the data: free on the
+    # CPU; on CUDA it would be a host synchronisation, so CUDA counts are trusted (moe_gate never makes negative ones).
+    if expert_counts.device.type == "cpu" and not torch.compiler.is_compiling() and bool((expert_counts < 0).any()):
+        raise ValueError(f"expert_counts: must be non-negative, found {int(expert_counts.min())}")
     counts = expert_counts.view(num_groups, -1).to(router_prob_mean.dtype)
     n_experts = counts.shape[1]
     frac = counts / counts.sum(1, keepdim=True).clamp(min=1)
