@@ -1,13 +1,14 @@
-"""Grouped mixture-of-experts ops (DESIGN §5) as torch custom ops around the C++/CUDA kernels.
+"""Grouped mixture-of-experts ops (docs/design.md §5) as torch custom ops around the C++/CUDA kernels.
 
 Public functions:
   moe_gate      fused grouped softmax + top-k + renormalise + routing statistics (expert counts, mean router
                 probabilities for the balance loss); the [T, G·E] probability matrix is never stored
   moe_dispatch  stable expert-sorted permutation of the (token, slot) pairs and the row gather into that order
   moe_combine   the gate-weighted sum of each token's k expert rows back in token order (fixed order j = 0..k−1)
-  grouped_mlp   the experts' 2-matrix MLPs over the expert-sorted rows (per-expert matrix products)
+  grouped_mlp   the experts' 2-matrix MLPs over the expert-sorted rows (defined in unif2ace.ops.moe_mlp)
   moe_sort      the expert-sorted order alone (expert_offsets, sorted_slot), without moving rows
-  moe_experts   dispatch + expert MLPs + combine fused, one expert at a time, without the [T·k, H] intermediates
+  moe_experts   dispatch + expert MLPs + combine in one autograd node (defined in unif2ace.ops.moe_mlp): on the CPU
+                one expert at a time, on CUDA grouped products over device-side offsets without a host sync
                 (what GroupedTokenMoE's kernels backend runs)
   balance_loss  Σ_groups E·Σ_e f_e·P_e from moe_gate's statistics
 
