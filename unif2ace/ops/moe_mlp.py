@@ -275,21 +275,26 @@ def grouped_mm_ragged_k(a_t: Tensor, b: Tensor, groups: _Groups) -> Tensor:
     return out
 
 
-def _segment_sums(rows: Tensor, groups: _Groups, row_weights: Optional[Tensor]) -> Tensor:
-    """[G, W]: Σ over each group's rows of row_weights[i]·rows[i] (the bias gradients), rows past expert_offsets[-1]
-    left out. One product with the (weighted) one-hot [N, G] matrix of the rows' experts: a fixed summation order
-    (no atomics) and no host read."""
+def _segment_sums(rows: Tensor, groups: _Groups) -> Tensor:
+    """[G, W]: the sum of each group's rows (the first bias's gradient), rows past expert_offsets[-1] left out. One
+    product with the one-hot [N, G] matrix of the rows' experts: a fixed summation order (no atomics), no host read."""
     onehot = groups.row_expert[:, None] == torch.arange(groups.n_experts, device=rows.device)
-    onehot = (onehot & groups.valid[:, None]).to(rows.dtype)
-    if row_weights is not None:
-        onehot.mul_(row_weights.to(rows.dtype)[:, None])
-    return onehot.t().mm(rows)
+    return (onehot & groups.valid[:, None]).to(rows.dtype).t().mm(rows)
 
 
 def _expert_linear(a: Tensor, w: Tensor, b: Tensor, groups: _Groups) -> Tensor:
     """a[i] @ w[e]ᵀ + b[e] for the rows of group e; w [G, M, K] → [N, M]."""
     out = grouped_mm_rows(a, w.transpose(1, 2), groups)
     return out.add_(b.index_select(0, groups.row_expert))
+
+
+def _token_expert_weights(slot_w: Tensor, slot_expert: Tensor, top_k: int, n_experts: int) -> Tensor:
+    """[T, G·E]: each token's slot weights placed in the columns of the slots' experts (a sum over the k slots in a
+    fixed order: no scatter, no atomics; slots of weight 0 add nothing wherever they point)."""
+    n_tokens = slot_w.shape[0] // top_k
+    experts = torch.arange(n_experts, device=slot_w.device)
+    onehot = slot_expert.view(n_tokens, top_k, 1) == experts
+    return (slot_w.view(n_tokens, top_k, 1) * onehot).sum(1)
 
 
 def _combine(rows: Tensor, slot_pos: Tensor, slot_weights: Optional[Tensor], top_k: int) -> Tensor:
@@ -304,16 +309,17 @@ def _combine(rows: Tensor, slot_pos: Tensor, slot_weights: Optional[Tensor], top
 class _GroupedExperts(torch.autograd.Function):
     """Gather, the experts' MLPs as grouped products, and the gate-weighted combine as one autograd node.
 
-    Forward: x_sorted = x[slot // k] (permute kernel); pre = x_sorted·W1[e]ᵀ + b1[e]; out = act(pre)·W2[e]ᵀ + b2[e];
-    y[t] = Σ_j gate[t, j]·out[pos(t, j)] (unpermute kernel: fixed order, fp32 accumulation, no atomics).
+    Forward: x_sorted = x[slot // k] (permute kernel); pre = x_sorted·W1[e]ᵀ + b1[e]; out = act(pre)·W2[e]ᵀ;
+    y[t] = Σ_j gate[t, j]·out[pos(t, j)] (unpermute kernel: fixed order, fp32 accumulation, no atomics) + the b2
+    term Σ_j gate[t, j]·b2[e_j] as one [T, G·E]·[G·E, H] product added to y.
     Kept for the backward: x, the gates and the row order (all of which the caller holds anyway), the rows' weights
-    [T·k] and pre [T·k, F] (nothing of size T·k·F with recompute, which redoes the first product). x_sorted, act(pre)
-    and out are not kept: the backward gathers x again (one [T·k, H] row copy) and recomputes act inside the fused
-    activation-backward kernel.
+    [T·k], the tokens' weights by expert [T, G·E] and pre [T·k, F] (nothing of size T·k·F with recompute, which
+    redoes the first product). x_sorted, act(pre) and out are not kept: the backward gathers x again (one [T·k, H]
+    row copy) and recomputes act inside the fused activation-backward kernel.
     Backward: dy_sorted = dy[slot // k]; d_hid = dy_sorted·W2[e]; one fused pass gives w·act(pre) (for the W2
     gradient), d_pre = w·d_hid·act'(pre) and the gate gradient's ⟨d_hid, act(pre)⟩ (+ ⟨dy, b2[e]⟩ from a [T, G·E]
     product), so the expert outputs are never stored; weight gradients as ragged-K grouped products, bias gradients
-    as one-hot products (deterministic), dx = unweighted combine of d_pre·W1[e].
+    as one-hot products (b2's: token weights·dy; deterministic), dx = unweighted combine of d_pre·W1[e].
     """
 
     @staticmethod
@@ -329,11 +335,16 @@ class _GroupedExperts(torch.autograd.Function):
         slot_w = torch.empty_like(row_w).scatter_(0, sorted_slot, row_w)
         x_sorted = _gather_rows(x, sorted_slot, top_k)
         pre = _expert_linear(x_sorted, w1, b1, groups)
-        out = _expert_linear(_act(pre, activation), w2, b2, groups)
-        y = _combine(out, slot_pos, slot_w, top_k)
+        del x_sorted
+        out = grouped_mm_rows(_act(pre, activation), w2.transpose(1, 2), groups)
+        # The second bias after the combine, as one small product: Σ_j w_j·b2[e_j] = token_w·b2 with token_w [T, G·E]
+        # each token's weights by expert — instead of a pass over the [T·k, H] expert outputs.
+        token_w = _token_expert_weights(slot_w, groups.row_expert.index_select(0, slot_pos), top_k, groups.n_experts)
+        y = torch.addmm(_combine(out, slot_pos, slot_w, top_k), token_w.to(x.dtype), b2)
         ctx.groups, ctx.top_k, ctx.activation, ctx.recompute = groups, top_k, activation, recompute
         ctx.has_gates = gates is not None
-        ctx.save_for_backward(x, gates, sorted_slot, slot_pos, row_w, w1, b1, w2, b2, None if recompute else pre)
+        ctx.save_for_backward(x, gates, sorted_slot, slot_pos, row_w, token_w, w1, b1, w2, b2,
+                              None if recompute else pre)
         return y
 
     @staticmethod
@@ -343,7 +354,7 @@ class _GroupedExperts(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, grad_y):
-        x, gates, sorted_slot, slot_pos, row_w, w1, b1, w2, b2, pre = ctx.saved_tensors
+        x, gates, sorted_slot, slot_pos, row_w, token_w, w1, b1, w2, b2, pre = ctx.saved_tensors
         groups, k, act_name = ctx.groups, ctx.top_k, ctx.activation
         acc = _acc_dtype(x)
         dy = grad_y.to(x.dtype).contiguous()
@@ -362,7 +373,7 @@ class _GroupedExperts(torch.autograd.Function):
             hid_w, d_pre = hid * w, _act_backward(d_hid * w, pre, act_name)
         del d_hid
         gw2 = grouped_mm_ragged_k(dy_sorted.t(), hid_w, groups)
-        gb2 = _segment_sums(dy_sorted, groups, row_w)
+        gb2 = token_w.t().to(x.dtype).mm(dy)
         del hid_w
         g_gates = None
         if ctx.has_gates:
@@ -373,7 +384,7 @@ class _GroupedExperts(torch.autograd.Function):
             row_g = torch.where(groups.valid, row_g, 0)
             g_gates = torch.empty_like(row_g).scatter_(0, sorted_slot, row_g).view(gates.shape)
         gw1 = grouped_mm_ragged_k(d_pre.t(), x_sorted, groups)
-        gb1 = _segment_sums(d_pre, groups, None)
+        gb1 = _segment_sums(d_pre, groups)
         del x_sorted
         gx = _combine(grouped_mm_rows(d_pre, w1, groups), slot_pos, None, k) if ctx.needs_input_grad[0] else None
         return gx, g_gates, None, None, None, None, None, None, gw1, gb1, gw2, gb2
