@@ -237,7 +237,7 @@ class _Groups:
         # The last group stretched to the end of the rows: the rows past expert_offsets[-1] get the last expert's
         # (finite) products instead of unwritten memory, and weight 0 wherever they would count.
         ends = expert_offsets[1:].clone()
-        ends[-1] = n_rows
+        ends[-1:].fill_(n_rows)  # a fill kernel: no host-to-device copy
         self.ends32 = ends.to(torch.int32)
         self.row_expert = torch.searchsorted(ends, rows, right=True)
         self.has_rows = expert_offsets[1:] > expert_offsets[:-1]
