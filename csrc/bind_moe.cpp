@@ -388,6 +388,41 @@ void gelu_tanh_backward_rows(const py::capsule& pre_c, const py::capsule& d_hid_
   raise_if_error(s);
 }
 
+void bias_gelu_tanh_rows(const py::capsule& pre_c, const py::capsule& bias_c, const py::capsule& row_expert_c,
+                         const py::capsule& act_c, uintptr_t stream) {
+  View pre = view(pre_c, "pre"), bias = view(bias_c, "bias"), rows = view(row_expert_c, "row_expert");
+  View act = view(act_c, "act");
+  expect_kind(pre, kFloatKinds);
+  expect_dim(pre, 2);
+  expect_dim(bias, 2);
+  if (bias.kind != pre.kind) fail("bias: must have the dtype of pre");
+  if (bias.size(1) != pre.size(1)) fail("bias: must have the width of pre");
+  expect_kind(rows, {Kind::kInt64});
+  expect_shape(rows, {pre.size(0)});
+  if (act.kind != pre.kind) fail("act: must have the dtype of pre");
+  expect_shape(act, pre.shape);
+  for (const View* v : {&bias, &rows, &act}) expect_same_device(pre, *v);
+  if (pre.cuda) {
+#ifdef UNIF2ACE_WITH_CUDA
+    py::gil_scoped_release release;
+    raise_if_error(moe::bias_gelu_tanh_rows_cuda(pre.data, bias.data, pre.float_dtype(), pre.size(0), pre.size(1),
+                                                 rows.ptr<int64_t>(), bias.size(0), act.data, pre.device,
+                                                 reinterpret_cast<void*>(stream)));
+    return;
+#else
+    (void)stream;
+    no_cuda("moe_bias_gelu_rows");
+#endif
+  }
+  Status s;
+  {
+    py::gil_scoped_release release;
+    s = moe::bias_gelu_tanh_rows_cpu(pre.data, bias.data, pre.float_dtype(), pre.size(0), pre.size(1),
+                                     rows.ptr<int64_t>(), bias.size(0), act.data);
+  }
+  raise_if_error(s);
+}
+
 int64_t gate_block_tokens() {
 #ifdef UNIF2ACE_WITH_CUDA
   return moe::gate_block_tokens();
@@ -436,6 +471,9 @@ void bind_moe(py::module_& m) {
   m.def("moe_gelu_tanh_backward_rows", &gelu_tanh_backward_rows, py::arg("pre"), py::arg("d_hid"),
         py::arg("row_weights"), py::arg("hid_w"), py::arg("d_pre"), py::arg("row_dot"), py::arg("stream") = 0,
         "hid_w = w * gelu(pre), d_pre = w * d_hid * gelu'(pre), row_dot = sum_f d_hid * gelu(pre) (tanh form).");
+  m.def("moe_bias_gelu_tanh_rows", &bias_gelu_tanh_rows, py::arg("pre"), py::arg("bias"), py::arg("row_expert"),
+        py::arg("act"), py::arg("stream") = 0,
+        "pre += bias[row_expert] in place, act = gelu(pre) (tanh form) of the rounded sum.");
   m.def("moe_gate_block_tokens", &gate_block_tokens, "Tokens per block of the CUDA gating kernel.");
   m.def("moe_sort_block_slots", &sort_block_slots, "Slots per block of the CUDA sort kernels.");
 }

@@ -272,6 +272,25 @@ void gelu_tanh_backward_rows(const T* pre, const T* d_hid, int64_t n_rows, int64
   }
 }
 
+template <typename T, typename A = typename Acc<T>::type>
+void bias_gelu_tanh_rows(T* pre, const T* bias, int64_t n_rows, int64_t width, const int64_t* row_expert, T* act) {
+  const A k0 = static_cast<A>(kGeluK0), k1 = static_cast<A>(kGeluK1);
+#pragma omp parallel for schedule(static) if (n_rows * width > kParallelWork)
+  for (int64_t i = 0; i < n_rows; ++i) {
+    T* p = pre + i * width;
+    const T* b = bias + row_expert[i] * width;
+    T* a = act + i * width;
+#pragma omp simd
+    for (int64_t f = 0; f < width; ++f) {
+      const T rounded = narrow<T>(widen(p[f]) + widen(b[f]));
+      const A x = widen(rounded);
+      const A s = A(1) / (A(1) + cpu::exp_acc(A(-2) * k0 * (x + k1 * x * x * x)));
+      p[f] = rounded;
+      a[f] = narrow<T>(x * s);
+    }
+  }
+}
+
 }  // namespace
 
 Status gate_forward_cpu(const void* logits, DType dtype, int64_t n_tokens, int64_t n_groups, int64_t n_experts,
@@ -451,6 +470,24 @@ Status gelu_tanh_backward_rows_cpu(const void* pre, const void* d_hid, DType dty
     gelu_tanh_backward_rows(static_cast<const T*>(pre), static_cast<const T*>(d_hid), n_rows, width,
                             static_cast<const A*>(row_weights), static_cast<T*>(hid_w), static_cast<T*>(d_pre),
                             static_cast<A*>(row_dot));
+  });
+  return Status::Ok();
+}
+
+Status bias_gelu_tanh_rows_cpu(void* pre, const void* bias, DType dtype, int64_t n_rows, int64_t width,
+                               const int64_t* row_expert, int64_t n_groups, void* act) {
+  if (n_rows < 0 || width < 0 || n_groups <= 0)
+    return Status::Invalid("moe_bias_gelu_rows: need non-negative sizes and at least one expert");
+  for (int64_t i = 0; i < n_rows; ++i) {
+    if (row_expert[i] < 0 || row_expert[i] >= n_groups)
+      return Status::Invalid("row_expert: entry " + std::to_string(i) + " is outside [0, " + std::to_string(n_groups) +
+                             ")");
+  }
+  if (n_rows == 0 || width == 0) return Status::Ok();
+  dispatch_float(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    bias_gelu_tanh_rows(static_cast<T*>(pre), static_cast<const T*>(bias), n_rows, width, row_expert,
+                        static_cast<T*>(act));
   });
   return Status::Ok();
 }

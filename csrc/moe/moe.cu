@@ -25,6 +25,13 @@ int grid_for(int64_t n) { return static_cast<int>(n < kMaxGrid ? n : kMaxGrid); 
 // Row kernels move V = 16 / sizeof(T) elements per thread and access (one 16-byte load or store) when the row width
 // and the base pointers allow it, else V = 1. The arithmetic per element is the same either way, so sums over the
 // k slots (fixed order j = 0..k-1) give the same bits on both paths.
+// x rounded to T (the value a T store then load gives).
+template <typename T>
+__device__ __forceinline__ float round_to(float x) {
+  const T rounded = from_float<T>(x);
+  return cuda::load_float(&rounded);
+}
+
 template <int V, typename T>
 __device__ __forceinline__ void load_floats(const T* p, float* v) {
   if constexpr (V == 1) {
@@ -420,6 +427,39 @@ __global__ void gelu_tanh_backward_rows_kernel(const T* pre, const T* d_hid, int
   }
 }
 
+// One block per row: the row's expert bias added in place (rounded to T, the value the backward reads) and GELU (tanh
+// form, the backward kernel's sigmoid formula) of the rounded sum.
+template <typename T, int V>
+__global__ void bias_gelu_tanh_rows_kernel(T* pre, const T* bias, int64_t n_rows, int64_t width,
+                                           const int64_t* row_expert, int64_t n_groups, T* act) {
+  const float k0 = 0.7978845608028654f, k1 = 0.044715f;
+  const int64_t chunks = width / V;
+  for (int64_t i = blockIdx.x; i < n_rows; i += gridDim.x) {
+    const int64_t e = row_expert[i];
+    const bool has_bias = e >= 0 && e < n_groups;
+    for (int64_t c = threadIdx.x; c < chunks; c += blockDim.x) {
+      const int64_t at = i * width + c * V;
+      float x[V], b[V], a[V];
+      load_floats<V>(pre + at, x);
+      if (has_bias) {
+        load_floats<V>(bias + e * width + c * V, b);
+      } else {
+#pragma unroll
+        for (int j = 0; j < V; ++j) b[j] = 0.0f;
+      }
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        const float v = round_to<T>(x[j] + b[j]);
+        x[j] = v;
+        const float s = 1.0f / (1.0f + expf(-2.0f * k0 * (v + k1 * v * v * v)));
+        a[j] = v * s;
+      }
+      store_floats<V>(pre + at, x);
+      store_floats<V>(act + at, a);
+    }
+  }
+}
+
 size_t dtype_bytes(DType dtype) { return dtype == DType::kFloat32 ? 4 : 2; }
 
 Status reject_fp64(DType dtype, const char* op) {
@@ -624,6 +664,28 @@ Status gelu_tanh_backward_rows_cuda(const void* pre, const void* d_hid, DType dt
     });
   });
   return cuda::check_launch("moe gelu_tanh_backward_rows kernel");
+}
+
+Status bias_gelu_tanh_rows_cuda(void* pre, const void* bias, DType dtype, int64_t n_rows, int64_t width,
+                                const int64_t* row_expert, int64_t n_groups, void* act, int device, void* stream) {
+  Status st = reject_fp64(dtype, "moe_bias_gelu_rows");
+  if (!st.ok()) return st;
+  if (n_rows < 0 || width < 0 || n_groups <= 0)
+    return Status::Invalid("moe_bias_gelu_rows: need non-negative sizes and at least one expert");
+  cuda::DeviceGuard guard(device);
+  if (!guard.status().ok()) return guard.status();
+  if (n_rows == 0 || width == 0) return Status::Ok();
+  auto s = static_cast<cudaStream_t>(stream);
+  const bool vec = vec16_ok(width, dtype_bytes(dtype), {pre, bias, act});
+  dispatch_half_float(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    launch_vec<T>(vec, [&](auto v) {
+      bias_gelu_tanh_rows_kernel<T, decltype(v)::value><<<grid_for(n_rows), kRowThreads, 0, s>>>(
+          static_cast<T*>(pre), static_cast<const T*>(bias), n_rows, width, row_expert, n_groups,
+          static_cast<T*>(act));
+    });
+  });
+  return cuda::check_launch("moe bias_gelu_tanh_rows kernel");
 }
 
 }  // namespace moe

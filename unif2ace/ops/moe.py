@@ -394,6 +394,39 @@ def _gelu_tanh_backward_rows(pre: Tensor, d_hid: Tensor, row_weights: Optional[T
     return hid_w, d_pre, row_dot
 
 
+def _bias_gelu_tanh_rows(pre: Tensor, bias: Tensor, row_expert: Tensor) -> Tensor:
+    """In place pre += bias[row_expert]; returns gelu(pre) (tanh form) of the rounded sum. pre contiguous."""
+    act = torch.empty_like(pre)
+    _C.moe_bias_gelu_tanh_rows(dl(pre), dl(bias.contiguous()), dl(row_expert.contiguous()), dl(act), stream_of(pre))
+    return act
+
+
+@torch.library.custom_op("unif2ace::moe_bias_gelu_tanh_rows", mutates_args=())
+def _moe_bias_gelu_tanh_rows(pre: Tensor, bias: Tensor, row_expert: Tensor) -> tuple[Tensor, Tensor]:
+    out = pre.contiguous().clone()
+    return out, _bias_gelu_tanh_rows(out, bias, row_expert)
+
+
+@_moe_bias_gelu_tanh_rows.register_fake
+def _(pre, bias, row_expert):
+    return (torch.empty_like(pre, memory_format=torch.contiguous_format),
+            torch.empty_like(pre, memory_format=torch.contiguous_format))
+
+
+def moe_bias_gelu_tanh_rows(pre: Tensor, bias: Tensor, row_expert: Tensor) -> tuple[Tensor, Tensor]:
+    """The grouped expert pass's first bias and activation in one pass: returns (pre + bias[row_expert] rounded to
+    pre's dtype, GELU of it (tanh form)). pre [n, F]; bias [G, F] of pre's dtype; row_expert [n] int64 in [0, G)
+    (checked on the CPU; on CUDA a row with an id outside gets no bias). Not differentiable (a building block of
+    ops.moe_mlp's grouped pass, which calls the kernel in place)."""
+    _check_float(pre, "pre", 2)
+    _check_float(bias, "bias", 2)
+    if bias.dtype != pre.dtype or bias.shape[1] != pre.shape[1] or bias.device != pre.device:
+        raise ValueError(f"bias: expected a {pre.dtype} tensor [G, {pre.shape[1]}] on {pre.device}, got {bias.dtype} "
+                         f"{list(bias.shape)} on {bias.device}")
+    _check_index(row_expert, "row_expert", (pre.shape[0],), pre.device)
+    return torch.ops.unif2ace.moe_bias_gelu_tanh_rows(pre, bias, row_expert)
+
+
 @torch.library.custom_op("unif2ace::moe_scatter_add_rows", mutates_args=("out",))
 def _moe_scatter_add_rows(out: Tensor, rows: Tensor, slots: Tensor, top_k: int, weights: Optional[Tensor]) -> None:
     _scatter_add_rows(out, rows, slots, top_k, weights)

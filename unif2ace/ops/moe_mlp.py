@@ -27,6 +27,7 @@ from torch import Tensor
 from unif2ace._core import _C, dl, stream_of
 from unif2ace.ops.moe import (
     _acc_dtype,
+    _bias_gelu_tanh_rows,
     _check_float,
     _check_index,
     _gather_rows,
@@ -282,10 +283,15 @@ def _segment_sums(rows: Tensor, groups: _Groups) -> Tensor:
     return (onehot & groups.valid[:, None]).to(rows.dtype).t().mm(rows)
 
 
-def _expert_linear(a: Tensor, w: Tensor, b: Tensor, groups: _Groups) -> Tensor:
-    """a[i] @ w[e]ᵀ + b[e] for the rows of group e; w [G, M, K] → [N, M]."""
-    out = grouped_mm_rows(a, w.transpose(1, 2), groups)
-    return out.add_(b.index_select(0, groups.row_expert))
+def _first_layer(x_sorted: Tensor, w1: Tensor, b1: Tensor, groups: _Groups, activation: str
+                 ) -> tuple[Tensor, Tensor]:
+    """(pre, act(pre)) with pre = x_sorted[i] @ w1[e]ᵀ + b1[e] for the rows of group e: the bias and the activation
+    in one pass over pre for the tanh form (moe_bias_gelu_tanh_rows), torch's ops for the erf form."""
+    pre = grouped_mm_rows(x_sorted, w1.transpose(1, 2), groups)
+    if activation == "gelu_tanh":
+        return pre, _bias_gelu_tanh_rows(pre, b1, groups.row_expert)
+    pre.add_(b1.index_select(0, groups.row_expert))
+    return pre, _act(pre, activation)
 
 
 def _token_expert_weights(slot_w: Tensor, slot_expert: Tensor, top_k: int, n_experts: int) -> Tensor:
@@ -309,7 +315,8 @@ def _combine(rows: Tensor, slot_pos: Tensor, slot_weights: Optional[Tensor], top
 class _GroupedExperts(torch.autograd.Function):
     """Gather, the experts' MLPs as grouped products, and the gate-weighted combine as one autograd node.
 
-    Forward: x_sorted = x[slot // k] (permute kernel); pre = x_sorted·W1[e]ᵀ + b1[e]; out = act(pre)·W2[e]ᵀ;
+    Forward: x_sorted = x[slot // k] (permute kernel); pre = x_sorted·W1[e]ᵀ, then + b1[e] and act in one pass
+    (moe_bias_gelu_tanh_rows); out = act(pre)·W2[e]ᵀ;
     y[t] = Σ_j gate[t, j]·out[pos(t, j)] (unpermute kernel: fixed order, fp32 accumulation, no atomics) + the b2
     term Σ_j gate[t, j]·b2[e_j] as one [T, G·E]·[G·E, H] product added to y.
     Kept for the backward: x, the gates and the row order (all of which the caller holds anyway), the rows' weights
@@ -334,9 +341,10 @@ class _GroupedExperts(torch.autograd.Function):
             row_w.mul_(gates.reshape(-1).index_select(0, sorted_slot))
         slot_w = torch.empty_like(row_w).scatter_(0, sorted_slot, row_w)
         x_sorted = _gather_rows(x, sorted_slot, top_k)
-        pre = _expert_linear(x_sorted, w1, b1, groups)
+        pre, hid = _first_layer(x_sorted, w1, b1, groups, activation)
         del x_sorted
-        out = grouped_mm_rows(_act(pre, activation), w2.transpose(1, 2), groups)
+        out = grouped_mm_rows(hid, w2.transpose(1, 2), groups)
+        del hid
         # The second bias after the combine, as one small product: Σ_j w_j·b2[e_j] = token_w·b2 with token_w [T, G·E]
         # each token's weights by expert — instead of a pass over the [T·k, H] expert outputs.
         token_w = _token_expert_weights(slot_w, groups.row_expert.index_select(0, slot_pos), top_k, groups.n_experts)
@@ -361,7 +369,7 @@ class _GroupedExperts(torch.autograd.Function):
         dy_sorted = _gather_rows(dy, sorted_slot, k)
         x_sorted = _gather_rows(x, sorted_slot, k)
         if pre is None:
-            pre = _expert_linear(x_sorted, w1, b1, groups)
+            pre = _first_layer(x_sorted, w1, b1, groups, act_name)[0]
         d_hid = grouped_mm_rows(dy_sorted, w2, groups)
         if act_name == "gelu_tanh":
             hid_w, d_pre, row_dot = _gelu_tanh_backward_rows(pre, d_hid, row_w, with_row_dot=ctx.has_gates)
