@@ -366,10 +366,13 @@ class _GroupedExperts(torch.autograd.Function):
         groups, k, act_name = ctx.groups, ctx.top_k, ctx.activation
         acc = _acc_dtype(x)
         dy = grad_y.to(x.dtype).contiguous()
-        dy_sorted = _gather_rows(dy, sorted_slot, k)
-        x_sorted = _gather_rows(x, sorted_slot, k)
+        # The [T·k, ·] tensors live one after another to keep the peak low: x_sorted is gathered here only for the
+        # recomputation (and then kept), else after dy_sorted is freed.
+        x_sorted = None
         if pre is None:
+            x_sorted = _gather_rows(x, sorted_slot, k)
             pre = _first_layer(x_sorted, w1, b1, groups, act_name)[0]
+        dy_sorted = _gather_rows(dy, sorted_slot, k)
         d_hid = grouped_mm_rows(dy_sorted, w2, groups)
         if act_name == "gelu_tanh":
             hid_w, d_pre, row_dot = _gelu_tanh_backward_rows(pre, d_hid, row_w, with_row_dot=ctx.has_gates)
@@ -382,7 +385,7 @@ class _GroupedExperts(torch.autograd.Function):
         del d_hid
         gw2 = grouped_mm_ragged_k(dy_sorted.t(), hid_w, groups)
         gb2 = token_w.t().to(x.dtype).mm(dy)
-        del hid_w
+        del hid_w, dy_sorted, pre
         g_gates = None
         if ctx.has_gates:
             # d gate = ⟨dy_t, act(pre)·W2ᵀ + b2⟩ = ⟨dy_t·W2, act(pre)⟩ + ⟨dy_t, b2⟩, 0 for rows past the last offset.
@@ -391,6 +394,8 @@ class _GroupedExperts(torch.autograd.Function):
             row_g = row_dot + dy_b2.reshape(-1).index_select(0, token * groups.n_experts + groups.row_expert)
             row_g = torch.where(groups.valid, row_g, 0)
             g_gates = torch.empty_like(row_g).scatter_(0, sorted_slot, row_g).view(gates.shape)
+        if x_sorted is None:
+            x_sorted = _gather_rows(x, sorted_slot, k)
         gw1 = grouped_mm_ragged_k(d_pre.t(), x_sorted, groups)
         gb1 = _segment_sums(d_pre, groups)
         del x_sorted
