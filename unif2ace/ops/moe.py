@@ -384,10 +384,14 @@ def _scatter_add_rows(out: Tensor, rows: Tensor, slots: Tensor, top_k: int, weig
                             stream_of(rows))
 
 
-def _gelu_tanh_backward_rows(pre: Tensor, d_hid: Tensor, row_weights: Optional[Tensor], with_row_dot: bool
+def _gelu_tanh_backward_rows(pre: Tensor, d_hid: Tensor, row_weights: Optional[Tensor], with_row_dot: bool,
+                             hid_w: Optional[Tensor] = None, d_pre: Optional[Tensor] = None
                              ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """hid_w, d_pre: where to write (None: fresh tensors). They may be pre and d_hid themselves — the kernels read
+    each element before they write it — for callers that own those (contiguous) tensors and need them no more."""
     pre, d_hid = pre.contiguous(), d_hid.contiguous()
-    hid_w, d_pre = torch.empty_like(pre), torch.empty_like(pre)
+    hid_w = torch.empty_like(pre) if hid_w is None else hid_w
+    d_pre = torch.empty_like(pre) if d_pre is None else d_pre
     row_dot = pre.new_empty(pre.shape[0], dtype=_acc_dtype(pre)) if with_row_dot else None
     _C.moe_gelu_tanh_backward_rows(dl(pre), dl(d_hid), _opt_dl(row_weights), dl(hid_w), dl(d_pre), _opt_dl(row_dot),
                                    stream_of(pre))

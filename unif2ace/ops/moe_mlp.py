@@ -366,26 +366,27 @@ class _GroupedExperts(torch.autograd.Function):
         groups, k, act_name = ctx.groups, ctx.top_k, ctx.activation
         acc = _acc_dtype(x)
         dy = grad_y.to(x.dtype).contiguous()
-        # The [T·k, ·] tensors live one after another to keep the peak low: x_sorted is gathered here only for the
-        # recomputation (and then kept), else after dy_sorted is freed.
-        x_sorted = None
-        if pre is None:
-            x_sorted = _gather_rows(x, sorted_slot, k)
-            pre = _first_layer(x_sorted, w1, b1, groups, act_name)[0]
+        # The [T·k, ·] temporaries live one after another to keep the peak low: x_sorted is gathered (again, when
+        # recomputing) only after dy_sorted is freed, and the activation backward writes over its inputs where this
+        # pass owns them (d_pre over d_hid; w·act over a recomputed pre).
+        recomputed = pre is None
+        if recomputed:
+            pre = _first_layer(_gather_rows(x, sorted_slot, k), w1, b1, groups, act_name)[0]
         dy_sorted = _gather_rows(dy, sorted_slot, k)
         d_hid = grouped_mm_rows(dy_sorted, w2, groups)
         if act_name == "gelu_tanh":
-            hid_w, d_pre, row_dot = _gelu_tanh_backward_rows(pre, d_hid, row_w, with_row_dot=ctx.has_gates)
+            hid_w, d_pre, row_dot = _gelu_tanh_backward_rows(pre, d_hid, row_w, ctx.has_gates,
+                                                             hid_w=pre if recomputed else None, d_pre=d_hid)
         else:
             # The erf form has no fused kernel: the same quantities from torch's activation ops.
             hid = _act(pre, act_name)
             row_dot = (d_hid.to(acc) * hid.to(acc)).sum(1) if ctx.has_gates else None
             w = row_w.to(x.dtype)[:, None]
             hid_w, d_pre = hid * w, _act_backward(d_hid * w, pre, act_name)
-        del d_hid
+        del d_hid, pre
         gw2 = grouped_mm_ragged_k(dy_sorted.t(), hid_w, groups)
         gb2 = token_w.t().to(x.dtype).mm(dy)
-        del hid_w, dy_sorted, pre
+        del hid_w, dy_sorted
         g_gates = None
         if ctx.has_gates:
             # d gate = ⟨dy_t, act(pre)·W2ᵀ + b2⟩ = ⟨dy_t·W2, act(pre)⟩ + ⟨dy_t, b2⟩, 0 for rows past the last offset.
@@ -394,8 +395,7 @@ class _GroupedExperts(torch.autograd.Function):
             row_g = row_dot + dy_b2.reshape(-1).index_select(0, token * groups.n_experts + groups.row_expert)
             row_g = torch.where(groups.valid, row_g, 0)
             g_gates = torch.empty_like(row_g).scatter_(0, sorted_slot, row_g).view(gates.shape)
-        if x_sorted is None:
-            x_sorted = _gather_rows(x, sorted_slot, k)
+        x_sorted = _gather_rows(x, sorted_slot, k)
         gw1 = grouped_mm_ragged_k(d_pre.t(), x_sorted, groups)
         gb1 = _segment_sums(d_pre, groups)
         del x_sorted
