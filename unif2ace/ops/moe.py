@@ -13,7 +13,8 @@ Public functions:
   balance_loss  Σ_groups E·Σ_e f_e·P_e from moe_gate's statistics
 
 The custom ops underneath (torch.ops.unif2ace.*): moe_gate, moe_gate_backward, moe_sort, moe_permute,
-moe_unpermute, moe_unpermute_backward, moe_scatter_add_rows. Every one is deterministic: the same inputs give bit-identical outputs on
+moe_unpermute, moe_unpermute_backward, moe_scatter_add_rows, and the expert pass's row kernels
+moe_gelu_tanh_backward_rows and moe_bias_gelu_tanh_rows. Every one is deterministic: the same inputs give bit-identical outputs on
 the same device (fixed-order sums, no float atomics).
 
 Slots: token t's j-th choice is slot s = t·k + j. `sorted_slot[i]` is the slot held by expert-sorted row i;
