@@ -1,6 +1,6 @@
 """One MaskGIT step with classifier-free guidance: the eager Show-o step against the fused op.
 
-Eager (what Show-o's t2i loop, Showo.t2i_generate, does per step; DESIGN §6): guidance (1+g)·c − g·u in the
+Eager (what Show-o's t2i loop, Showo.t2i_generate, does per step; docs/design.md §6): guidance (1+g)·c − g·u in the
 logits dtype, softmax over [B, N, K], torch.multinomial for every position, gather of the drawn probabilities, log +
 annealed Gumbel, a full sort of every row's confidences and a gather at the cut-off.
 Fused: unif2ace.ops.maskgit_step (one read of each logit, no probability matrix, selection instead of sort).

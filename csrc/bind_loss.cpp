@@ -33,24 +33,17 @@ void row_lse_target(const py::capsule& logits_c, const py::capsule& target_c, in
   check_row_vector(logits, lse);
   check_row_vector(logits, target_logit);
   const int64_t n = logits.size(0), k = logits.size(1);
-  if (logits.cuda) {
-#ifdef UNIF2ACE_WITH_CUDA
-    py::gil_scoped_release release;
-    raise_if_error(loss::row_lse_target_cuda(logits.data, logits.float_dtype(), n, k, target.ptr<int64_t>(),
-                                             ignore_index, lse.ptr<float>(), target_logit.ptr<float>(),
-                                             logits.device, reinterpret_cast<void*>(stream)));
-    return;
-#else
-    no_cuda("row_lse_target");
-#endif
-  }
-  Status s;
-  {
-    py::gil_scoped_release release;
-    s = loss::row_lse_target_cpu(logits.data, logits.float_dtype(), n, k, target.ptr<int64_t>(), ignore_index,
-                                 lse.data, target_logit.data);
-  }
-  raise_if_error(s);
+  run_entry(
+      "row_lse_target", logits,
+      [&] {
+        return loss::row_lse_target_cpu(logits.data, logits.float_dtype(), n, k, target.ptr<int64_t>(),
+                                        ignore_index, lse.data, target_logit.data);
+      },
+      [&] {
+        return loss::row_lse_target_cuda(logits.data, logits.float_dtype(), n, k, target.ptr<int64_t>(), ignore_index,
+                                         lse.ptr<float>(), target_logit.ptr<float>(), logits.device,
+                                         reinterpret_cast<void*>(stream));
+      });
 }
 
 void softmax_onehot_grad(const py::capsule& logits_c, const py::capsule& grad_c, const py::capsule& lse_c,
@@ -67,25 +60,19 @@ void softmax_onehot_grad(const py::capsule& logits_c, const py::capsule& grad_c,
   check_row_vector(logits, coef_softmax);
   check_row_vector(logits, coef_onehot);
   const int64_t n = logits.size(0), k = logits.size(1);
-  if (logits.cuda) {
-#ifdef UNIF2ACE_WITH_CUDA
-    py::gil_scoped_release release;
-    raise_if_error(loss::softmax_onehot_grad_cuda(logits.data, grad.data, logits.float_dtype(), n, k,
-                                                  lse.ptr<float>(), target.ptr<int64_t>(), ignore_index,
-                                                  coef_softmax.ptr<float>(), coef_onehot.ptr<float>(),
-                                                  logits.device, reinterpret_cast<void*>(stream)));
-    return;
-#else
-    no_cuda("softmax_onehot_grad");
-#endif
-  }
-  Status s;
-  {
-    py::gil_scoped_release release;
-    s = loss::softmax_onehot_grad_cpu(logits.data, grad.data, logits.float_dtype(), n, k, lse.data,
-                                      target.ptr<int64_t>(), ignore_index, coef_softmax.data, coef_onehot.data);
-  }
-  raise_if_error(s);
+  run_entry(
+      "softmax_onehot_grad", logits,
+      [&] {
+        return loss::softmax_onehot_grad_cpu(logits.data, grad.data, logits.float_dtype(), n, k, lse.data,
+                                             target.ptr<int64_t>(), ignore_index, coef_softmax.data,
+                                             coef_onehot.data);
+      },
+      [&] {
+        return loss::softmax_onehot_grad_cuda(logits.data, grad.data, logits.float_dtype(), n, k, lse.ptr<float>(),
+                                              target.ptr<int64_t>(), ignore_index, coef_softmax.ptr<float>(),
+                                              coef_onehot.ptr<float>(), logits.device,
+                                              reinterpret_cast<void*>(stream));
+      });
 }
 
 // Logits of the D3Diff row kernels: a contiguous [rows, ld] buffer whose first n_cols columns are used.
@@ -134,24 +121,20 @@ void d3diff_rows(const py::capsule& logits_c, int64_t n_cols, const py::capsule&
   }
   const loss::D3DiffOptions opts = d3diff_options(alpha, sedd, n_cols, ignore_index);
   const int64_t n = logits.size(0), ld = logits.size(1);
-  Status s;
-  if (logits.cuda) {
-#ifdef UNIF2ACE_WITH_CUDA
-    py::gil_scoped_release release;
-    s = loss::d3diff_rows_cuda(logits.data, with_grad ? grad.data : nullptr, logits.float_dtype(), n, n_cols, ld,
-                               target.ptr<int64_t>(), row_weight.ptr<float>(), row_scale.ptr<float>(), opts,
-                               loss_v.ptr<float>(), row_max.ptr<float>(), log_sum.ptr<float>(), logits.device,
-                               reinterpret_cast<void*>(stream));
-#else
-    no_cuda("d3diff_rows");
-#endif
-  } else {
-    py::gil_scoped_release release;
-    s = loss::d3diff_rows_cpu(logits.data, with_grad ? grad.data : nullptr, logits.float_dtype(), n, n_cols, ld,
-                              target.ptr<int64_t>(), row_weight.data, row_scale.data, opts, loss_v.data,
-                              row_max.data, log_sum.data);
-  }
-  raise_if_error(s);
+  void* grad_data = with_grad ? grad.data : nullptr;
+  run_entry(
+      "d3diff_rows", logits,
+      [&] {
+        return loss::d3diff_rows_cpu(logits.data, grad_data, logits.float_dtype(), n, n_cols, ld,
+                                     target.ptr<int64_t>(), row_weight.data, row_scale.data, opts, loss_v.data,
+                                     row_max.data, log_sum.data);
+      },
+      [&] {
+        return loss::d3diff_rows_cuda(logits.data, grad_data, logits.float_dtype(), n, n_cols, ld,
+                                      target.ptr<int64_t>(), row_weight.ptr<float>(), row_scale.ptr<float>(), opts,
+                                      loss_v.ptr<float>(), row_max.ptr<float>(), log_sum.ptr<float>(), logits.device,
+                                      reinterpret_cast<void*>(stream));
+      });
 }
 
 void d3diff_rows_grad(const py::capsule& logits_c, int64_t n_cols, int64_t col0, int64_t n_classes,
@@ -169,24 +152,19 @@ void d3diff_rows_grad(const py::capsule& logits_c, int64_t n_cols, int64_t col0,
     fail("col0: the columns [col0, col0 + n_cols) must lie in [0, n_classes)");
   const loss::D3DiffOptions opts = d3diff_options(alpha, sedd, n_classes, ignore_index);
   const int64_t n = logits.size(0), ld = logits.size(1);
-  Status s;
-  if (logits.cuda) {
-#ifdef UNIF2ACE_WITH_CUDA
-    py::gil_scoped_release release;
-    s = loss::d3diff_rows_grad_cuda(logits.data, grad.data, logits.float_dtype(), n, n_cols, ld, col0,
-                                    target.ptr<int64_t>(), row_weight.ptr<float>(), row_max.ptr<float>(),
-                                    log_sum.ptr<float>(), row_scale.ptr<float>(), opts, logits.device,
-                                    reinterpret_cast<void*>(stream));
-#else
-    no_cuda("d3diff_rows_grad");
-#endif
-  } else {
-    py::gil_scoped_release release;
-    s = loss::d3diff_rows_grad_cpu(logits.data, grad.data, logits.float_dtype(), n, n_cols, ld, col0,
-                                   target.ptr<int64_t>(), row_weight.data, row_max.data, log_sum.data,
-                                   row_scale.data, opts);
-  }
-  raise_if_error(s);
+  run_entry(
+      "d3diff_rows_grad", logits,
+      [&] {
+        return loss::d3diff_rows_grad_cpu(logits.data, grad.data, logits.float_dtype(), n, n_cols, ld, col0,
+                                          target.ptr<int64_t>(), row_weight.data, row_max.data, log_sum.data,
+                                          row_scale.data, opts);
+      },
+      [&] {
+        return loss::d3diff_rows_grad_cuda(logits.data, grad.data, logits.float_dtype(), n, n_cols, ld, col0,
+                                           target.ptr<int64_t>(), row_weight.ptr<float>(), row_max.ptr<float>(),
+                                           log_sum.ptr<float>(), row_scale.ptr<float>(), opts, logits.device,
+                                           reinterpret_cast<void*>(stream));
+      });
 }
 
 }  // namespace

@@ -53,25 +53,18 @@ void maskgit_step(const py::capsule& cond_c, const py::object& uncond_o, const p
   p.last_step = last_step;
   p.seed = seed;
   p.offset = offset;
-  if (cond.cuda) {
-#ifdef UNIF2ACE_WITH_CUDA
-    py::gil_scoped_release release;
-    raise_if_error(sampling::maskgit_step_cuda(cond.data, uncond_ptr, cond.float_dtype(), tokens.ptr<int64_t>(), p,
-                                               new_tokens.ptr<int64_t>(), sampled.ptr<int64_t>(),
-                                               confidence.ptr<float>(), cond.device,
-                                               reinterpret_cast<void*>(stream)));
-    return;
-#else
-    no_cuda("maskgit_step");
-#endif
-  }
-  Status s;
-  {
-    py::gil_scoped_release release;
-    s = sampling::maskgit_step_cpu(cond.data, uncond_ptr, cond.float_dtype(), tokens.ptr<int64_t>(), p,
-                                   new_tokens.ptr<int64_t>(), sampled.ptr<int64_t>(), confidence.ptr<float>());
-  }
-  raise_if_error(s);
+  run_entry(
+      "maskgit_step", cond,
+      [&] {
+        return sampling::maskgit_step_cpu(cond.data, uncond_ptr, cond.float_dtype(), tokens.ptr<int64_t>(), p,
+                                          new_tokens.ptr<int64_t>(), sampled.ptr<int64_t>(),
+                                          confidence.ptr<float>());
+      },
+      [&] {
+        return sampling::maskgit_step_cuda(cond.data, uncond_ptr, cond.float_dtype(), tokens.ptr<int64_t>(), p,
+                                           new_tokens.ptr<int64_t>(), sampled.ptr<int64_t>(), confidence.ptr<float>(),
+                                           cond.device, reinterpret_cast<void*>(stream));
+      });
 }
 
 void sample_next_token(const py::capsule& logits_c, const py::capsule& out_c, float inv_temperature, bool greedy,
@@ -92,22 +85,13 @@ void sample_next_token(const py::capsule& logits_c, const py::capsule& out_c, fl
   p.top_p = top_p;
   p.seed = seed;
   p.offset = offset;
-  if (logits.cuda) {
-#ifdef UNIF2ACE_WITH_CUDA
-    py::gil_scoped_release release;
-    raise_if_error(sampling::sample_next_token_cuda(logits.data, logits.float_dtype(), p, out.ptr<int64_t>(),
-                                                    logits.device, reinterpret_cast<void*>(stream)));
-    return;
-#else
-    no_cuda("sample_next_token");
-#endif
-  }
-  Status s;
-  {
-    py::gil_scoped_release release;
-    s = sampling::sample_next_token_cpu(logits.data, logits.float_dtype(), p, out.ptr<int64_t>());
-  }
-  raise_if_error(s);
+  run_entry(
+      "sample_next_token", logits,
+      [&] { return sampling::sample_next_token_cpu(logits.data, logits.float_dtype(), p, out.ptr<int64_t>()); },
+      [&] {
+        return sampling::sample_next_token_cuda(logits.data, logits.float_dtype(), p, out.ptr<int64_t>(),
+                                                logits.device, reinterpret_cast<void*>(stream));
+      });
 }
 
 void philox_noise(const py::capsule& out_c, int kind, uint64_t seed, uint64_t offset, uintptr_t stream) {
@@ -119,22 +103,12 @@ void philox_noise(const py::capsule& out_c, int kind, uint64_t seed, uint64_t of
     case sampling::NoiseKind::kUniform64: expect_kind(out, {Kind::kInt64}); break;
     default: fail("kind: must be 0 (uniform), 1 (gumbel) or 2 (uniform64)");
   }
-  if (out.cuda) {
-#ifdef UNIF2ACE_WITH_CUDA
-    py::gil_scoped_release release;
-    raise_if_error(sampling::philox_noise_cuda(seed, offset, out.numel(), k, out.data, out.device,
-                                               reinterpret_cast<void*>(stream)));
-    return;
-#else
-    no_cuda("philox_noise");
-#endif
-  }
-  Status s;
-  {
-    py::gil_scoped_release release;
-    s = sampling::philox_noise_cpu(seed, offset, out.numel(), k, out.data);
-  }
-  raise_if_error(s);
+  run_entry(
+      "philox_noise", out, [&] { return sampling::philox_noise_cpu(seed, offset, out.numel(), k, out.data); },
+      [&] {
+        return sampling::philox_noise_cuda(seed, offset, out.numel(), k, out.data, out.device,
+                                           reinterpret_cast<void*>(stream));
+      });
 }
 
 }  // namespace
@@ -144,7 +118,7 @@ void bind_sampling(py::module_& m) {
         py::arg("new_tokens"), py::arg("sampled"), py::arg("confidence"), py::arg("mask_id"),
         py::arg("guidance_scale"), py::arg("inv_temperature"), py::arg("noise_scale"), py::arg("n_base"),
         py::arg("last_step"), py::arg("seed"), py::arg("offset"), py::arg("stream") = 0,
-        "One fused MaskGIT step (DESIGN §6) into new_tokens[B, N], sampled[B, N], confidence[B, N].");
+        "One fused MaskGIT step (docs/design.md §6) into new_tokens[B, N], sampled[B, N], confidence[B, N].");
   m.def("sample_next_token", &sample_next_token, py::arg("logits"), py::arg("out"), py::arg("inv_temperature"),
         py::arg("greedy"), py::arg("top_k"), py::arg("top_p"), py::arg("seed"), py::arg("offset"),
         py::arg("stream") = 0, "Temperature / top-k / top-p draw of one token per row of logits[B, V].");

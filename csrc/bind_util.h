@@ -173,6 +173,27 @@ inline void raise_if_error(const Status& s) {
                            ": unif2ace was built without CUDA kernels (rebuild with UNIF2ACE_CUDA=1 and nvcc)");
 }
 
+// Runs one entry point of an op with the GIL released, on the device of `on`: `cpu()`, or `cuda()` for CUDA tensors,
+// and raises the Status it returns. In a build without CUDA, `cuda` is never called, so its body (an inline lambda)
+// is never emitted and names no missing symbol; CUDA tensors are then reported by no_cuda(op).
+template <typename Cpu, typename Cuda>
+void run_entry(const char* op, const View& on, Cpu&& cpu, Cuda&& cuda) {
+  Status s;
+  if (on.cuda) {
+#ifdef UNIF2ACE_WITH_CUDA
+    py::gil_scoped_release release;
+    s = cuda();
+#else
+    (void)cuda;
+    no_cuda(op);
+#endif
+  } else {
+    py::gil_scoped_release release;
+    s = cpu();
+  }
+  raise_if_error(s);
+}
+
 // Family registration functions, each defined in csrc/bind_<family>.cpp.
 void bind_loss(py::module_& m);
 void bind_moe(py::module_& m);

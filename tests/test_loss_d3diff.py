@@ -42,7 +42,8 @@ def test_d3diff_matches_reference_fp64(score, reduction, schedule, shape):
 @pytest.mark.parametrize("score", SCORES)
 def test_d3diff_low_precision_no_worse_than_torch(dtype, score):
     """Against fp64 truth, the kernel's error is within twice the error plain torch makes on the same
-    low-precision input (the CCE criterion), plus 1e-6 of the largest gradient entry (DESIGN §3 allows 1e-5)."""
+    low-precision input (the CCE criterion), plus 1e-6 of the largest gradient entry (docs/design.md §3
+    allows 1e-5)."""
     logits, target, gamma = make_batch(300, 777, dtype=dtype)
     kw = dict(score=score, alpha=0.02)
     logits64 = logits.detach().double().requires_grad_()

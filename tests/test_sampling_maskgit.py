@@ -1,5 +1,5 @@
-"""The fused MaskGIT step (DESIGN §6): against the eager Show-o-style reference fed the same Philox noise, the law
-of the draw, the re-masking invariants, determinism, edge cases and bad inputs."""
+"""The fused MaskGIT step (docs/design.md §6): against the eager Show-o-style reference fed the same Philox noise,
+the law of the draw, the re-masking invariants, determinism, edge cases and bad inputs."""
 import math
 
 import numpy as np

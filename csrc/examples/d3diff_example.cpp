@@ -1,5 +1,5 @@
 // Embedding example: the D3Diff loss of a small batch computed with the unif2ace core alone (no Python, no
-// torch). It builds random logits, calls the row kernel, forms the per-row loss of DESIGN section 4 and checks
+// torch). It builds random logits, calls the row kernel, forms the per-row loss of docs/design.md §4 and checks
 // it against a straightforward double-precision computation. Exit code 0 means they agree.
 #include <cmath>
 #include <cstdint>

@@ -31,7 +31,7 @@ U2A_HD uint32_t ordered_key(float f) {
   return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
 }
 
-// The number of positions to re-mask in a sequence with `masked` masked tokens (DESIGN §6).
+// The number of positions to re-mask in a sequence with `masked` masked tokens (docs/design.md §6).
 U2A_HD int64_t remask_count(const MaskGitParams& p, int64_t masked) {
   if (p.last_step || masked <= 0) return 0;
   int64_t n = p.n_base < masked - 1 ? p.n_base : masked - 1;

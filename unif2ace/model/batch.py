@@ -1,7 +1,7 @@
 """Turning samples into model batches: the sequence formats, the masking of image tokens for generation and
 caption dropout. Samples are plain token-id lists and code tensors, so nothing here depends on a tokenizer.
 
-Sequence formats (DESIGN §1; Show-o's, without its fixed 129-token text slot):
+Sequence formats (docs/design.md §1; Show-o's, without its fixed 129-token text slot):
 
     understanding  <|mmu|> <|soi|> img… <|eoi|> <|sot|> prompt… answer… <|eot|> [PAD]…    (right-padded)
     generation     [PAD]… <|t2i|> <|sot|> caption… <|eot|> <|soi|> img… <|eoi|>            (left-padded)

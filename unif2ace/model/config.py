@@ -1,6 +1,6 @@
 """UniF2aceConfig: every hyper-parameter of the model in one JSON-serialisable dataclass.
 
-Vocabulary layout (Show-o's, DESIGN §1 and docs/model.md), for a config with text vocabulary T, S special
+Vocabulary layout (Show-o's, docs/design.md §1 and docs/model.md), for a config with text vocabulary T, S special
 tokens and codebook size K:
 
     [0, T)              text tokens (the tokenizer's own ids; <|sot|> and <|eot|> live here)
@@ -54,7 +54,7 @@ class UniF2aceConfig:
     num_image_tokens: int = 256  # tokens per image (16 × 16 at 256 px)
     image_size: int = 256  # pixels per side of the images the encoders and the image tokenizer see
 
-    # --- grouped token MoE (DESIGN §5): group 0 = understanding sequences, group 1 = generation sequences ---
+    # --- grouped token MoE (docs/design.md §5): group 0 = understanding sequences, group 1 = generation sequences ---
     num_expert_groups: int = 2
     experts_per_group: int = 8
     moe_top_k: int = 4

@@ -15,7 +15,7 @@ REDUCTIONS = ("mean", "sum", "none")
 
 def time_weight(gamma: torch.Tensor, schedule: str = "cosine", w_max: float = 1000.0) -> torch.Tensor:
     """w(γ) = γ'(τ)/γ(τ) of the masking schedule, written as a function of the masking probability γ,
-    clipped to w_max (DESIGN §4).
+    clipped to w_max (docs/design.md §4).
 
     cosine (γ = sin(πτ/2)): w = (π/2)·√(1−γ²)/γ;   linear (γ = τ): w = 1/γ.
     """
@@ -84,7 +84,7 @@ def linear_d3diff_loss(
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Grouped MoE (DESIGN §5): the eager forms a user would write
+# Grouped MoE (docs/design.md §5): the eager forms a user would write
 # ----------------------------------------------------------------------------------------------------------
 def moe_gate(
     router_logits: torch.Tensor,
@@ -156,7 +156,7 @@ def balance_loss(expert_counts: torch.Tensor, router_prob_mean: torch.Tensor, nu
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Sampling (DESIGN §6): the eager Show-o-style MaskGIT step and next-token sampling
+# Sampling (docs/design.md §6): the eager Show-o-style MaskGIT step and next-token sampling
 # ----------------------------------------------------------------------------------------------------------
 MASKGIT_SCHEDULES = ("cosine", "linear")
 

@@ -1,4 +1,4 @@
-"""Sampling ops (DESIGN §6) as torch custom ops around the C++/CUDA kernels.
+"""Sampling ops (docs/design.md §6) as torch custom ops around the C++/CUDA kernels.
 
   maskgit_step        one fused MaskGIT step: guidance, temperature, the draw, confidence and per-row re-masking
   maskgit_generate    the whole masked-diffusion loop (S steps, Philox offset advanced per step)
@@ -161,7 +161,7 @@ def maskgit_step(
     offset: int = 0,
     return_confidence: bool = False,
 ):
-    """One fused MaskGIT step (DESIGN §6) on `cond_logits [B, N, K]` and `tokens [B, N]` (int64 codebook ids
+    """One fused MaskGIT step (docs/design.md §6) on `cond_logits [B, N, K]` and `tokens [B, N]` (int64 codebook ids
     or `mask_id`). Returns `(new_tokens, sampled)` (plus the fp32 confidence with `return_confidence=True`):
 
       z = z_c + g·(z_c − z_u) (g = guidance_scale; uncond_logits ignored when g = 0), p = softmax(z / T)

@@ -1,4 +1,4 @@
-// Row kernels under the D3Diff loss (DESIGN section 4). The loss only needs, per row of logits z[N, K],
+// Row kernels under the D3Diff loss (docs/design.md §4). The loss only needs, per row of logits z[N, K],
 // the log-sum-exp and the target logit; its gradient with respect to the logits is a per-row
 // coefficient times the softmax minus a per-row coefficient times the one-hot of the target.
 //

@@ -1,5 +1,5 @@
 // Counter-based random numbers (Philox 4x32-10) and the bit-reproducible float math that turns them into
-// noise, shared by the CPU and CUDA kernels (DESIGN §3). Everything here is __host__ __device__ and gives the
+// noise, shared by the CPU and CUDA kernels (docs/design.md §3). Everything here is __host__ __device__ and gives the
 // same bits on both sides: every multiply-add is written as an explicit fmaf (so neither gcc's nor nvcc's
 // contraction rules matter) and no libm call is involved.
 //

@@ -1,4 +1,4 @@
-// Sampling kernels (DESIGN §6): the fused MaskGIT step of masked discrete diffusion, a fused temperature /
+// Sampling kernels (docs/design.md §6): the fused MaskGIT step of masked discrete diffusion, a fused temperature /
 // top-k / top-p next-token sampler, and the raw Philox noise both use (layout in unif2ace/philox.h).
 //
 // How a categorical draw is made (both samplers, CPU and CUDA alike). For a row z'[K] (logits after
@@ -21,7 +21,7 @@
 namespace unif2ace {
 namespace sampling {
 
-// One MaskGIT step over tokens[B, N] with logits [B, N, K] (DESIGN §6). Host-side scalars precomputed by the
+// One MaskGIT step over tokens[B, N] with logits [B, N, K] (docs/design.md §6). Host-side scalars precomputed by the
 // caller so that the CPU and CUDA kernels see the same fp32 values:
 struct MaskGitParams {
   int64_t batch = 0;          // B
