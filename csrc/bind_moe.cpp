@@ -402,25 +402,17 @@ void bias_gelu_tanh_rows(const py::capsule& pre_c, const py::capsule& bias_c, co
   if (act.kind != pre.kind) fail("act: must have the dtype of pre");
   expect_shape(act, pre.shape);
   for (const View* v : {&bias, &rows, &act}) expect_same_device(pre, *v);
-  if (pre.cuda) {
-#ifdef UNIF2ACE_WITH_CUDA
-    py::gil_scoped_release release;
-    raise_if_error(moe::bias_gelu_tanh_rows_cuda(pre.data, bias.data, pre.float_dtype(), pre.size(0), pre.size(1),
-                                                 rows.ptr<int64_t>(), bias.size(0), act.data, pre.device,
-                                                 reinterpret_cast<void*>(stream)));
-    return;
-#else
-    (void)stream;
-    no_cuda("moe_bias_gelu_rows");
-#endif
-  }
-  Status s;
-  {
-    py::gil_scoped_release release;
-    s = moe::bias_gelu_tanh_rows_cpu(pre.data, bias.data, pre.float_dtype(), pre.size(0), pre.size(1),
-                                     rows.ptr<int64_t>(), bias.size(0), act.data);
-  }
-  raise_if_error(s);
+  run_entry(
+      "moe_bias_gelu_rows", pre,
+      [&] {
+        return moe::bias_gelu_tanh_rows_cpu(pre.data, bias.data, pre.float_dtype(), pre.size(0), pre.size(1),
+                                            rows.ptr<int64_t>(), bias.size(0), act.data);
+      },
+      [&] {
+        return moe::bias_gelu_tanh_rows_cuda(pre.data, bias.data, pre.float_dtype(), pre.size(0), pre.size(1),
+                                             rows.ptr<int64_t>(), bias.size(0), act.data, pre.device,
+                                             reinterpret_cast<void*>(stream));
+      });
 }
 
 int64_t gate_block_tokens() {

@@ -1,4 +1,4 @@
-"""Grouped token-level and sequence-level mixture-of-experts layers (DESIGN §5).
+"""Grouped token-level and sequence-level mixture-of-experts layers (docs/design.md §5).
 
 Both layers take `backend="kernels"` (the fused ops of `unif2ace.ops.moe`) or `backend="reference"` (the plain
 PyTorch loop over experts a user would write: softmax, top-k, then for each expert index-select / compute /

@@ -501,7 +501,7 @@ def moe_gelu_tanh_backward_rows(pre: Tensor, d_hid: Tensor, row_weights: Optiona
 
 
 def balance_loss(expert_counts: Tensor, router_prob_mean: Tensor, num_groups: int) -> Tensor:
-    """Σ_g E·Σ_e f_e·P_e (DESIGN §5): f_e = expert_counts / (the group's routed (token, slot) pairs),
+    """Σ_g E·Σ_e f_e·P_e (docs/design.md §5): f_e = expert_counts / (the group's routed (token, slot) pairs),
     P_e = router_prob_mean. A group without tokens contributes 0. Differentiable through router_prob_mean.
     Negative expert_counts raise ValueError on the CPU; CUDA counts are trusted (checking them would synchronise)."""
     _check_int(num_groups, "num_groups")
