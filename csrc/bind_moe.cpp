@@ -352,15 +352,16 @@ void scatter_add_rows(const py::capsule& out_c, const py::capsule& rows_c, const
 }
 
 void gelu_tanh_backward_rows(const py::capsule& pre_c, const py::capsule& d_hid_c, const py::object& weights_c,
-                             const py::capsule& hid_w_c, const py::capsule& d_pre_c, const py::object& row_dot_c,
+                             const py::object& hid_w_c, const py::capsule& d_pre_c, const py::object& row_dot_c,
                              uintptr_t stream) {
   View pre = view(pre_c, "pre"), d_hid = view(d_hid_c, "d_hid");
-  View hid_w = view(hid_w_c, "hid_w"), d_pre = view(d_pre_c, "d_pre");
+  View d_pre = view(d_pre_c, "d_pre");
+  auto hid_w = opt_view(hid_w_c, "hid_w");
   auto w = opt_view(weights_c, "row_weights");
   auto dot = opt_view(row_dot_c, "row_dot");
   expect_kind(pre, kFloatKinds);
   expect_dim(pre, 2);
-  for (const View* v : {&d_hid, &hid_w, &d_pre}) {
+  for (const View* v : {&d_hid, &d_pre, hid_w ? &*hid_w : &d_pre}) {
     if (v->kind != pre.kind) fail(v->name + ": must have the dtype of pre");
     expect_shape(*v, pre.shape);
     expect_same_device(pre, *v);
@@ -372,7 +373,7 @@ void gelu_tanh_backward_rows(const py::capsule& pre_c, const py::capsule& d_hid_
     py::gil_scoped_release release;
     raise_if_error(moe::gelu_tanh_backward_rows_cuda(
         pre.data, d_hid.data, pre.float_dtype(), pre.size(0), pre.size(1), static_cast<const float*>(opt_data(w)),
-        hid_w.data, d_pre.data, static_cast<float*>(opt_data(dot)), pre.device, reinterpret_cast<void*>(stream)));
+        opt_data(hid_w), d_pre.data, static_cast<float*>(opt_data(dot)), pre.device, reinterpret_cast<void*>(stream)));
     return;
 #else
     (void)stream;
@@ -383,7 +384,7 @@ void gelu_tanh_backward_rows(const py::capsule& pre_c, const py::capsule& d_hid_
   {
     py::gil_scoped_release release;
     s = moe::gelu_tanh_backward_rows_cpu(pre.data, d_hid.data, pre.float_dtype(), pre.size(0), pre.size(1),
-                                         opt_data(w), hid_w.data, d_pre.data, opt_data(dot));
+                                         opt_data(w), opt_data(hid_w), d_pre.data, opt_data(dot));
   }
   raise_if_error(s);
 }

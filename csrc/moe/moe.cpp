@@ -6,6 +6,7 @@
 #include <cstring>
 #include <limits>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "unif2ace/cpu_math.h"
@@ -245,7 +246,7 @@ void scatter_add_rows(const T* rows, int64_t n_rows, int64_t hidden, int64_t top
 constexpr double kGeluK0 = 0.7978845608028654;  // sqrt(2 / pi)
 constexpr double kGeluK1 = 0.044715;
 
-template <typename T, typename A = typename Acc<T>::type>
+template <bool kHidW, typename T, typename A = typename Acc<T>::type>
 void gelu_tanh_backward_rows(const T* pre, const T* d_hid, int64_t n_rows, int64_t width, const A* row_weights,
                              T* hid_w, T* d_pre, A* row_dot) {
   const A k0 = static_cast<A>(kGeluK0), k1 = static_cast<A>(kGeluK1);
@@ -254,7 +255,7 @@ void gelu_tanh_backward_rows(const T* pre, const T* d_hid, int64_t n_rows, int64
     const A w = row_weights != nullptr ? row_weights[i] : A(1);
     const T* p = pre + i * width;
     const T* dh = d_hid + i * width;
-    T* hw = hid_w + i * width;
+    T* hw = kHidW ? hid_w + i * width : nullptr;
     T* dp = d_pre + i * width;
     A dot = 0;
 #pragma omp simd reduction(+ : dot)
@@ -265,7 +266,7 @@ void gelu_tanh_backward_rows(const T* pre, const T* d_hid, int64_t n_rows, int64
       const A grad = s + A(2) * x * s * (A(1) - s) * k0 * (A(1) + A(3) * k1 * x * x);
       const A g = widen(dh[f]);
       dot += g * act;
-      hw[f] = narrow<T>(w * act);
+      if constexpr (kHidW) hw[f] = narrow<T>(w * act);
       dp[f] = narrow<T>(w * g * grad);
     }
     if (row_dot != nullptr) row_dot[i] = dot;
@@ -467,9 +468,14 @@ Status gelu_tanh_backward_rows_cpu(const void* pre, const void* d_hid, DType dty
   dispatch_float(dtype, [&](auto tag) {
     using T = decltype(tag);
     using A = typename Acc<T>::type;
-    gelu_tanh_backward_rows(static_cast<const T*>(pre), static_cast<const T*>(d_hid), n_rows, width,
-                            static_cast<const A*>(row_weights), static_cast<T*>(hid_w), static_cast<T*>(d_pre),
-                            static_cast<A*>(row_dot));
+    const auto run = [&](auto with_hid_w) {
+      gelu_tanh_backward_rows<decltype(with_hid_w)::value>(
+          static_cast<const T*>(pre), static_cast<const T*>(d_hid), n_rows, width,
+          static_cast<const A*>(row_weights), static_cast<T*>(hid_w), static_cast<T*>(d_pre),
+          static_cast<A*>(row_dot));
+    };
+    if (hid_w != nullptr) run(std::true_type{});
+    else run(std::false_type{});
   });
   return Status::Ok();
 }

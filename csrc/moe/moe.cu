@@ -419,7 +419,7 @@ __global__ void gelu_tanh_backward_rows_kernel(const T* pre, const T* d_hid, int
         hw[e] = w * act;
         dp[e] = w * g[e] * grad;
       }
-      store_floats<V>(hid_w + at, hw);
+      if (hid_w != nullptr) store_floats<V>(hid_w + at, hw);
       store_floats<V>(d_pre + at, dp);
     }
     dot = cuda::block_reduce<false>(dot, scratch);

@@ -386,15 +386,16 @@ def _scatter_add_rows(out: Tensor, rows: Tensor, slots: Tensor, top_k: int, weig
 
 
 def _gelu_tanh_backward_rows(pre: Tensor, d_hid: Tensor, row_weights: Optional[Tensor], with_row_dot: bool,
-                             hid_w: Optional[Tensor] = None, d_pre: Optional[Tensor] = None
-                             ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
-    """hid_w, d_pre: where to write (None: fresh tensors). They may be pre and d_hid themselves — the kernels read
-    each element before they write it — for callers that own those (contiguous) tensors and need them no more."""
+                             d_pre: Optional[Tensor] = None, with_hid_w: bool = True
+                             ) -> tuple[Optional[Tensor], Tensor, Optional[Tensor]]:
+    """d_pre: where to write it (None: a fresh tensor); it may be d_hid itself — the kernels read each element before
+    they write it — for a caller that owns that (contiguous) tensor and needs it no more. with_hid_w=False skips
+    hid_w (returned as None)."""
     pre, d_hid = pre.contiguous(), d_hid.contiguous()
-    hid_w = torch.empty_like(pre) if hid_w is None else hid_w
+    hid_w = torch.empty_like(pre) if with_hid_w else None
     d_pre = torch.empty_like(pre) if d_pre is None else d_pre
     row_dot = pre.new_empty(pre.shape[0], dtype=_acc_dtype(pre)) if with_row_dot else None
-    _C.moe_gelu_tanh_backward_rows(dl(pre), dl(d_hid), _opt_dl(row_weights), dl(hid_w), dl(d_pre), _opt_dl(row_dot),
+    _C.moe_gelu_tanh_backward_rows(dl(pre), dl(d_hid), _opt_dl(row_weights), _opt_dl(hid_w), dl(d_pre), _opt_dl(row_dot),
                                    stream_of(pre))
     return hid_w, d_pre, row_dot
 

@@ -366,27 +366,27 @@ class _GroupedExperts(torch.autograd.Function):
         groups, k, act_name = ctx.groups, ctx.top_k, ctx.activation
         acc = _acc_dtype(x)
         dy = grad_y.to(x.dtype).contiguous()
-        # The [T·k, ·] temporaries live one after another to keep the peak low: x_sorted is gathered (again, when
-        # recomputing) only after dy_sorted is freed, and the activation backward writes over its inputs where this
-        # pass owns them (d_pre over d_hid; w·act over a recomputed pre).
-        recomputed = pre is None
-        if recomputed:
+        # The [T·k, ·] temporaries live one after another to keep the peak low: pre (saved or recomputed), then
+        # w·act(pre) and dy's sorted copy for the W2 gradient, then d_hid in place of w·act, the activation backward
+        # writing d_pre over d_hid; x is gathered again only after dy's sorted copy is freed.
+        if pre is None:
             pre = _first_layer(_gather_rows(x, sorted_slot, k), w1, b1, groups, act_name)[0]
+        # act from pre by torch's op on both paths, so that recomputing gives the same bits.
+        hid_w = _act(pre, act_name).mul_(row_w.to(x.dtype)[:, None])
         dy_sorted = _gather_rows(dy, sorted_slot, k)
+        gw2 = grouped_mm_ragged_k(dy_sorted.t(), hid_w, groups)
+        del hid_w
+        gb2 = token_w.t().to(x.dtype).mm(dy)
         d_hid = grouped_mm_rows(dy_sorted, w2, groups)
+        del dy_sorted
         if act_name == "gelu_tanh":
-            hid_w, d_pre, row_dot = _gelu_tanh_backward_rows(pre, d_hid, row_w, ctx.has_gates,
-                                                             hid_w=pre if recomputed else None, d_pre=d_hid)
+            _, d_pre, row_dot = _gelu_tanh_backward_rows(pre, d_hid, row_w, ctx.has_gates, d_pre=d_hid,
+                                                         with_hid_w=False)
         else:
             # The erf form has no fused kernel: the same quantities from torch's activation ops.
-            hid = _act(pre, act_name)
-            row_dot = (d_hid.to(acc) * hid.to(acc)).sum(1) if ctx.has_gates else None
-            w = row_w.to(x.dtype)[:, None]
-            hid_w, d_pre = hid * w, _act_backward(d_hid * w, pre, act_name)
+            row_dot = (d_hid.to(acc) * _act(pre, act_name).to(acc)).sum(1) if ctx.has_gates else None
+            d_pre = _act_backward(d_hid.mul_(row_w.to(x.dtype)[:, None]), pre, act_name)
         del d_hid, pre
-        gw2 = grouped_mm_ragged_k(dy_sorted.t(), hid_w, groups)
-        gb2 = token_w.t().to(x.dtype).mm(dy)
-        del hid_w, dy_sorted
         g_gates = None
         if ctx.has_gates:
             # d gate = ⟨dy_t, act(pre)·W2ᵀ + b2⟩ = ⟨dy_t·W2, act(pre)⟩ + ⟨dy_t, b2⟩, 0 for rows past the last offset.

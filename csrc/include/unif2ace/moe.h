@@ -77,6 +77,7 @@ Status scatter_add_rows_cpu(const void* rows, DType dtype, int64_t n_rows, int64
 //   hid_w[i, f] = w[i] · act(pre[i, f])                    the W2 gradient is dyᵀ·hid_w
 //   d_pre[i, f] = w[i] · d_hid[i, f] · act'(pre[i, f])     d_hid = dy·W2 of the unweighted output gradient
 //   row_dot[i]  = Σ_f d_hid[i, f] · act(pre[i, f])         the gate gradient, less ⟨dy, b2⟩ (row_dot may be null)
+// hid_w may be null (not written); d_pre may be d_hid itself (each element is read before it is written).
 // pre, d_hid, hid_w, d_pre: [n_rows, F] of `dtype`; w and row_dot in the accumulation type. One tanh per element
 // where separate activation, product, row-sum and activation-backward passes would read the rows five times.
 Status gelu_tanh_backward_rows_cpu(const void* pre, const void* d_hid, DType dtype, int64_t n_rows, int64_t width,
