@@ -323,9 +323,9 @@ class _GroupedExperts(torch.autograd.Function):
     [T·k], the tokens' weights by expert [T, G·E] and pre [T·k, F] (nothing of size T·k·F with recompute, which
     redoes the first product). x_sorted, act(pre) and out are not kept: the backward gathers x again (one [T·k, H]
     row copy) and recomputes act inside the fused activation-backward kernel.
-    Backward: dy_sorted = dy[slot // k]; d_hid = dy_sorted·W2[e]; one fused pass gives w·act(pre) (for the W2
-    gradient), d_pre = w·d_hid·act'(pre) and the gate gradient's ⟨d_hid, act(pre)⟩ (+ ⟨dy, b2[e]⟩ from a [T, G·E]
-    product), so the expert outputs are never stored; weight gradients as ragged-K grouped products, bias gradients
+    Backward: dy_sorted = dy[slot // k]; the W2 gradient dy_sortedᵀ·(w·act(pre)); d_hid = dy_sorted·W2[e]; one fused
+    pass gives d_pre = w·d_hid·act'(pre) (over d_hid) and the gate gradient's ⟨d_hid, act(pre)⟩ (+ ⟨dy, b2[e]⟩ from a
+    [T, G·E] product), so the expert outputs are never stored; weight gradients as ragged-K grouped products, bias gradients
     as one-hot products (b2's: token weights·dy; deterministic), dx = unweighted combine of d_pre·W1[e].
     """
 
