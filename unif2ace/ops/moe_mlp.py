@@ -307,8 +307,7 @@ def _combine(rows: Tensor, slot_pos: Tensor, slot_weights: Optional[Tensor], top
     """y[t] = Σ_j w[t·k + j] · rows[slot_pos[t·k + j]], in the order j = 0..k−1 (the unpermute kernel)."""
     out = rows.new_empty(rows.shape[0] // top_k, rows.shape[1])
     weights = None if slot_weights is None else dl(slot_weights.view(out.shape[0], top_k))
-    _C.moe_unpermute_sum(dl(rows), dl(slot_pos), weights, top_k, dl(out),
-                         stream_of(rows))
+    _C.moe_unpermute_sum(dl(rows), dl(slot_pos), weights, top_k, dl(out), stream_of(rows))
     return out
 
 
