@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.harness import machine_info, machine_line
+from benchmarks.harness import device_ceilings, machine_info, machine_line
 
 HERE = Path(__file__).resolve().parent
 
@@ -65,19 +65,6 @@ def run_one(module, args, json_path):
     proc = subprocess.run([sys.executable, "-m", module, *args, "--json", json_path], capture_output=True, text=True,
                           env=env)
     return proc, time.time() - t0
-
-
-def device_ceilings() -> dict:
-    """Measured ceilings of the GPU: bf16 matmul FLOP rate and device-to-device copy bandwidth."""
-    from benchmarks.harness import median_time
-
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    t = median_time(lambda: a @ a, warmup=3, repeat=10, device="cuda")
-    flops = 2 * 8192**3 / t
-    x = torch.empty(2**30 // 4, device="cuda")
-    y = torch.empty_like(x)
-    t = median_time(lambda: y.copy_(x), warmup=3, repeat=10, device="cuda")
-    return {"bf16_matmul_flops": flops, "copy_bytes_per_s": 2 * x.numel() * 4 / t}
 
 
 def plot(rows, path, title):

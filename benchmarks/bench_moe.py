@@ -11,7 +11,14 @@ its inputs at the peak, and on the CPU also its peak RSS; see benchmarks.harness
     python -m benchmarks.bench_moe                  # T=8192 H=512 F=256, fp32 and bf16, this CPU
     python -m benchmarks.bench_moe --dtype float32 --rounds 3   # alternating fresh-process rounds, medians
     python -m benchmarks.bench_moe --tokens 2048 --repeat 2
-On CUDA (when present) the default sizes are T=16384, H=2048, F=1024.
+On CUDA (when present) the default sizes are T=16384, H=2048, F=1024, the layer also runs with recompute=True
+("kernels+recompute"), and every row gets its floor from ceilings measured in the same run on the same device
+(benchmarks.harness.device_ceilings): the layer's GEMM floor = the FLOPs of its routed, shared and router products,
+forward and backward (12·T·k·H·F + 12·T·H·F_s + 6·T·H·G·E), at the measured dense bf16 matmul rate; the routing's
+bandwidth floor = the bytes gate + sort + dispatch + combine must move forward and backward (_routing_bytes) at the
+measured device-copy bandwidth. "share of floor" = floor / measured time. Without a CUDA device the run ends with a
+line saying the GPU rows were not run. `bash benchmarks/gpu_check.sh` runs this at GPU sizes (bf16 and fp32) in
+its benchmark stage.
 
 Latest CPU results: benchmarks/results/cpu.md (sections moe and moe_bf16). Measured with
 `python -m benchmarks.bench_moe --repeat 3 --dtype float32 --rounds 3` on a shared 2-core VM:
@@ -48,6 +55,27 @@ from benchmarks.harness import format_table, machine_line, measure_in_child, mib
 
 ROUTING = ("eager", "kernels")
 LAYER = ("reference", "kernels")
+LAYER_GPU = ("reference", "kernels", "kernels+recompute")
+
+
+def _layer_flops(args) -> float:
+    """Matrix-product FLOPs of one GroupedTokenMoE step, forward and backward (the backward doing twice the forward's
+    products): routed experts 2 products of 2·H·F per (token, slot), the shared expert 2 of 2·H·F per token, the
+    router 2·H·G·E per token."""
+    t, h, f, k, ne = args.tokens, args.hidden, args.expert_hidden, args.top_k, 2 * args.experts
+    return 3 * (4 * t * k * h * f + 4 * t * h * f + 2 * t * h * ne)
+
+
+def _routing_bytes(args, elem: int) -> float:
+    """Bytes gate + sort + dispatch + combine must move, forward and backward, each tensor read or written once:
+    dispatch x → x_sorted (T + T·k rows), combine x_sorted → y (T·k + T), its backward dy, x_sorted → grad rows
+    (T + 2·T·k), dispatch backward (T·k + T); the gate reads the logits and writes gates and ids, its backward
+    reads them again and writes the logit gradient; the sort reads the ids and writes the order."""
+    t, h, k, ne = args.tokens, args.hidden, args.top_k, 2 * args.experts
+    rows = (4 * t + 5 * t * k) * h * elem
+    gate = 3 * t * ne * elem + 2 * t * k * (4 + 8)
+    sort = 2 * t * k * 8
+    return rows + gate + sort
 
 
 def eager_routing(x, logits, gid, num_groups, top_k):
@@ -98,6 +126,11 @@ def _layer(args, device, dtype):
 def child(args) -> None:
     device, dtype = args.device, getattr(torch, args.dtype)
     torch.manual_seed(0)
+    if args.part == "ceilings":
+        from benchmarks.harness import device_ceilings
+
+        report(device_ceilings())
+        return
     if args.part == "routing":
         ne = 2 * args.experts
         x = torch.randn(args.tokens, args.hidden, device=device).to(dtype).requires_grad_()
@@ -129,10 +162,13 @@ def child(args) -> None:
         report({"y_rel": diffs[0], "grad_x_rel": diffs[1], "grad_w1_rel": diffs[2]})
         return
 
+    backend, _, option = args.variant.partition("+")
+    m.recompute = option == "recompute"
+
     def step(n=x.shape[1]):
         m.zero_grad(set_to_none=True)
         x.grad = None
-        y, aux = m(x[:, :n], gid, backend=args.variant)
+        y, aux = m(x[:, :n], gid, backend=backend)
         ((y * dy[:, :n]).sum() + aux).backward()
 
     step(16)  # one-time costs (library imports, op registration) stay out of the memory baseline
@@ -167,7 +203,7 @@ def _rounds(args, part, variants, dtype, extra_env=None) -> dict:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--part", choices=("routing", "layer"), default="layer", help=argparse.SUPPRESS)
+    p.add_argument("--part", choices=("routing", "layer", "ceilings"), default="layer", help=argparse.SUPPRESS)
     p.add_argument("--variant", default="kernels", help=argparse.SUPPRESS)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: both)")
@@ -196,8 +232,9 @@ def main(argv=None):
     dtypes = [args.dtype] if args.dtype else ["float32", "bfloat16"]
     rows, results = [], []
     size = f"T={args.tokens} H={args.hidden} F={args.expert_hidden} 2x{args.experts} top-{args.top_k}"
+    ceilings = run_isolated("benchmarks.bench_moe", _child_args(args, "ceilings", "-", "bfloat16")) if gpu else None
     for dtype in dtypes:
-        parts = [("routing", ROUTING, None), ("layer", LAYER, None)]
+        parts = [("routing", ROUTING, None), ("layer", LAYER_GPU if gpu else LAYER, None)]
         if args.huge_page_control and not gpu:
             parts.insert(1, ("routing", ROUTING, {"THP_MEM_ALLOC_ENABLE": "1"}))
         for part, variants, extra_env in parts:
@@ -210,22 +247,37 @@ def main(argv=None):
             what = "gate+dispatch+combine" if part == "routing" else "GroupedTokenMoE"
             if extra_env:
                 what += " (THP alloc, both)"
+            floor_s = None
+            if ceilings is not None:
+                elem = torch.tensor([], dtype=getattr(torch, dtype)).element_size()
+                floor_s = (_layer_flops(args) / ceilings["bf16_matmul_flops"] if part == "layer"
+                           else _routing_bytes(args, elem) / ceilings["copy_bytes_per_s"])
             for v in variants:
                 t, mem = r[v]["time_s"], r[v]["peak_bytes"]
+                floor_cols = [] if floor_s is None else [ms(floor_s), f"{100 * floor_s / t:.0f}%"]
                 rows.append([what, dtype, v, ms(t), ms(r[v].get("cpu_s", float("nan"))), f"{base['time_s'] / t:.2f}x",
                              mib(mem),
-                             f"{mem / max(1, base['peak_bytes']):.2f}x", rss_mib(r[v]),
+                             f"{mem / max(1, base['peak_bytes']):.2f}x", rss_mib(r[v]), *floor_cols,
                              match if v == "kernels" else ""])
                 results.append(dict(config=f"{what} {dtype}", part=part, dtype=dtype, variant=v, size=size,
-                                    env=extra_env or {}, **r[v]))
+                                    env=extra_env or {}, floor_s=floor_s, **r[v]))
+    floor_heads = [] if ceilings is None else ["floor ms", "share of floor"]
     table = format_table(["what", "dtype", "variant", "fwd+bwd ms (median)", "CPU ms", "speed-up", "peak extra MiB",
-                          "memory ratio", "peak RSS MiB", "kernels vs reference (max rel. diff)"], rows)
+                          "memory ratio", "peak RSS MiB", *floor_heads, "kernels vs reference (max rel. diff)"], rows)
     print(f"Grouped MoE forward+backward on {args.device}, {size} — {machine_line()}"
           + (f"; median of {args.rounds} alternating fresh-process rounds" if args.rounds > 1 else ""))
     print(table)
+    if ceilings is not None:
+        print(f"Floors from this run's ceilings: dense bf16 matmul {ceilings['bf16_matmul_flops'] / 1e12:.0f} TFLOP/s "
+              f"(GEMM floor of the layer: {_layer_flops(args) / 1e12:.2f} TFLOP per step), device copy "
+              f"{ceilings['copy_bytes_per_s'] / 1e12:.2f} TB/s (routing bytes per step: "
+              f"{_routing_bytes(args, 2) / 1e9:.2f} GB in bf16).")
+    else:
+        print("GPU rows (bf16, T=16384 H=2048 F=1024 2x8 + shared, top-4: reference, kernels, kernels+recompute with "
+              "their GEMM floor; routing with its bandwidth floor): not run: no CUDA device.")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": machine_line(), "results": results}, f, indent=2)
+            json.dump({"machine": machine_line(), "ceilings": ceilings, "results": results}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@
 #   2. the whole test suite, CUDA tests included
 #   3. the CUDA tests again under compute-sanitizer memcheck, at small sizes
 #   4. the benchmarks at GPU sizes, with the device's measured ceilings, into benchmarks/results/gpu-h100.md
-#      (sections: loss, loss_bf16, sampling, moe, moe_bf16, train_step; generate: decode tokens/s, first-token
+#      (sections: loss, loss_bf16, sampling, moe and moe_bf16 (the MoE layer's reference / kernels /
+#      kernels+recompute with their GEMM floor and share, the routing ops with their bandwidth floor and share),
+#      train_step; generate: decode tokens/s, first-token
 #      latency and images/s of the paper preset; train_paper: its training step at 16k tokens with tokens/s, peak
 #      memory and MFU; train_loss: 20 steps of the faster step against the plain one)
 # Liger-Kernel and cut-cross-entropy (pure Python + Triton) are used as baselines when their wheels travel in

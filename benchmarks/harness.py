@@ -213,3 +213,14 @@ def rss_mib(result: dict) -> str:
 
 def ms(seconds: float) -> str:
     return f"{seconds * 1e3:.1f}"
+
+
+def device_ceilings() -> dict:
+    """Measured ceilings of the GPU: bf16 matmul FLOP rate and device-to-device copy bandwidth."""
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    t = median_time(lambda: a @ a, warmup=3, repeat=10, device="cuda")
+    flops = 2 * 8192**3 / t
+    x = torch.empty(2**30 // 4, device="cuda")
+    y = torch.empty_like(x)
+    t = median_time(lambda: y.copy_(x), warmup=3, repeat=10, device="cuda")
+    return {"bf16_matmul_flops": flops, "copy_bytes_per_s": 2 * x.numel() * 4 / t}

@@ -352,15 +352,16 @@ void scatter_add_rows(const py::capsule& out_c, const py::capsule& rows_c, const
 }
 
 void gelu_tanh_backward_rows(const py::capsule& pre_c, const py::capsule& d_hid_c, const py::object& weights_c,
-                             const py::capsule& hid_w_c, const py::capsule& d_pre_c, const py::object& row_dot_c,
+                             const py::object& hid_w_c, const py::capsule& d_pre_c, const py::object& row_dot_c,
                              uintptr_t stream) {
   View pre = view(pre_c, "pre"), d_hid = view(d_hid_c, "d_hid");
-  View hid_w = view(hid_w_c, "hid_w"), d_pre = view(d_pre_c, "d_pre");
+  View d_pre = view(d_pre_c, "d_pre");
+  auto hid_w = opt_view(hid_w_c, "hid_w");
   auto w = opt_view(weights_c, "row_weights");
   auto dot = opt_view(row_dot_c, "row_dot");
   expect_kind(pre, kFloatKinds);
   expect_dim(pre, 2);
-  for (const View* v : {&d_hid, &hid_w, &d_pre}) {
+  for (const View* v : {&d_hid, &d_pre, hid_w ? &*hid_w : &d_pre}) {
     if (v->kind != pre.kind) fail(v->name + ": must have the dtype of pre");
     expect_shape(*v, pre.shape);
     expect_same_device(pre, *v);
@@ -372,7 +373,7 @@ void gelu_tanh_backward_rows(const py::capsule& pre_c, const py::capsule& d_hid_
     py::gil_scoped_release release;
     raise_if_error(moe::gelu_tanh_backward_rows_cuda(
         pre.data, d_hid.data, pre.float_dtype(), pre.size(0), pre.size(1), static_cast<const float*>(opt_data(w)),
-        hid_w.data, d_pre.data, static_cast<float*>(opt_data(dot)), pre.device, reinterpret_cast<void*>(stream)));
+        opt_data(hid_w), d_pre.data, static_cast<float*>(opt_data(dot)), pre.device, reinterpret_cast<void*>(stream)));
     return;
 #else
     (void)stream;
@@ -383,9 +384,36 @@ void gelu_tanh_backward_rows(const py::capsule& pre_c, const py::capsule& d_hid_
   {
     py::gil_scoped_release release;
     s = moe::gelu_tanh_backward_rows_cpu(pre.data, d_hid.data, pre.float_dtype(), pre.size(0), pre.size(1),
-                                         opt_data(w), hid_w.data, d_pre.data, opt_data(dot));
+                                         opt_data(w), opt_data(hid_w), d_pre.data, opt_data(dot));
   }
   raise_if_error(s);
+}
+
+void bias_gelu_tanh_rows(const py::capsule& pre_c, const py::capsule& bias_c, const py::capsule& row_expert_c,
+                         const py::capsule& act_c, uintptr_t stream) {
+  View pre = view(pre_c, "pre"), bias = view(bias_c, "bias"), rows = view(row_expert_c, "row_expert");
+  View act = view(act_c, "act");
+  expect_kind(pre, kFloatKinds);
+  expect_dim(pre, 2);
+  expect_dim(bias, 2);
+  if (bias.kind != pre.kind) fail("bias: must have the dtype of pre");
+  if (bias.size(1) != pre.size(1)) fail("bias: must have the width of pre");
+  expect_kind(rows, {Kind::kInt64});
+  expect_shape(rows, {pre.size(0)});
+  if (act.kind != pre.kind) fail("act: must have the dtype of pre");
+  expect_shape(act, pre.shape);
+  for (const View* v : {&bias, &rows, &act}) expect_same_device(pre, *v);
+  run_entry(
+      "moe_bias_gelu_rows", pre,
+      [&] {
+        return moe::bias_gelu_tanh_rows_cpu(pre.data, bias.data, pre.float_dtype(), pre.size(0), pre.size(1),
+                                            rows.ptr<int64_t>(), bias.size(0), act.data);
+      },
+      [&] {
+        return moe::bias_gelu_tanh_rows_cuda(pre.data, bias.data, pre.float_dtype(), pre.size(0), pre.size(1),
+                                             rows.ptr<int64_t>(), bias.size(0), act.data, pre.device,
+                                             reinterpret_cast<void*>(stream));
+      });
 }
 
 int64_t gate_block_tokens() {
@@ -436,6 +464,9 @@ void bind_moe(py::module_& m) {
   m.def("moe_gelu_tanh_backward_rows", &gelu_tanh_backward_rows, py::arg("pre"), py::arg("d_hid"),
         py::arg("row_weights"), py::arg("hid_w"), py::arg("d_pre"), py::arg("row_dot"), py::arg("stream") = 0,
         "hid_w = w * gelu(pre), d_pre = w * d_hid * gelu'(pre), row_dot = sum_f d_hid * gelu(pre) (tanh form).");
+  m.def("moe_bias_gelu_tanh_rows", &bias_gelu_tanh_rows, py::arg("pre"), py::arg("bias"), py::arg("row_expert"),
+        py::arg("act"), py::arg("stream") = 0,
+        "pre += bias[row_expert] in place, act = gelu(pre) (tanh form) of the rounded sum.");
   m.def("moe_gate_block_tokens", &gate_block_tokens, "Tokens per block of the CUDA gating kernel.");
   m.def("moe_sort_block_slots", &sort_block_slots, "Slots per block of the CUDA sort kernels.");
 }

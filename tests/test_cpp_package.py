@@ -107,7 +107,7 @@ BEYOND_SSE2 = re.compile(r"^(v\w+|pshufb|ptest|round[ps][sd]|blendv\w+|pblend\w+
                          r"pextr[bdq]|dpp[sd]|haddp[sd]|movs[lh]dup|movddup|lddqu|popcnt|lzcnt|tzcnt|andn|bextr|"
                          r"blsi|blsr|blsmsk|bzhi|pdep|pext|sarx|shlx|shrx|rorx|mulx|movbe)\b")
 # Hot loops of each family: their copies must use the level's vector width (ymm for avx2, zmm for avx512).
-HOT_LOOPS = ["row_lse<float, float>", "grad_rows<float, float>", "::masses(", "gelu_tanh_backward_rows<float, float>"]
+HOT_LOOPS = ["row_lse<float, float>", "grad_rows<float, float>", "::masses(", "gelu_tanh_backward_rows<true, float, float>"]
 
 
 @pytest.mark.skipif(sys.platform != "linux" or os.uname().machine != "x86_64" or shutil.which("objdump") is None,

@@ -128,8 +128,9 @@ def test_generate_images_matches_the_plain_loop(model, guidance):
 
 
 def _stub_token_moe(model):
-    """Replaces the token MoE by a data-independent stand-in: the MoE layer's kernels path reads its expert offsets
-    on the host today, and this test is about everything around it."""
+    """Replaces the token MoE by a data-independent stand-in: in fp32 the MoE layer's expert products read their
+    offsets on the host (torch._grouped_mm's device-driven kernel is bf16 on sm90/sm100 only), and these tests are
+    about everything around it."""
     for block in model.layers:
         block.token_moe.forward = lambda h, task, mask=None: (h * 0.5, h.new_zeros((), dtype=torch.float32))
 
@@ -253,13 +254,34 @@ def test_cuda_graphs_give_the_same_tokens(dtype):
 @pytest.mark.cuda
 @not_under_sanitizer
 def test_cuda_graphs_are_captured_and_replayed_when_the_moe_is_sync_free():
-    """With a data-independent stand-in for the token MoE (the MoE layer reads its expert offsets on the host today),
-    both steps must be recorded as CUDA graphs — no fallback warning — and replay to the same tokens."""
+    """With a data-independent stand-in for the token MoE (in fp32 the MoE layer reads its expert offsets on the
+    host), both steps must be recorded as CUDA graphs — no fallback warning — and replay to the same tokens."""
     import warnings
 
     torch.manual_seed(0)
     model = UniF2aceModel(CFG).cuda()
     _stub_token_moe(model)
+    prompts, codes = ragged_prompts(10, (3, 8))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*not captured as a CUDA graph.*")
+        kw = dict(max_new_tokens=12, image_codes=codes, seed=3, top_k=30)
+        assert model.generate_text(prompts, **kw) == model.generate_text(prompts, cuda_graphs=False, **kw)
+        kw = dict(steps=6, guidance_scale=2.0, seed=7)
+        assert torch.equal(model.generate_images(prompts, **kw), model.generate_images(prompts, cuda_graphs=False, **kw))
+
+
+@pytest.mark.cuda
+@not_under_sanitizer
+@pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] in (9, 10)),
+                    reason="the token MoE is sync-free where torch._grouped_mm's bf16 kernel runs (sm90/sm100)")
+def test_cuda_graphs_are_captured_with_the_real_token_moe_in_bf16():
+    """The real token MoE in bf16 reads nothing on the host (grouped expert products over device offsets), so both
+    generation steps are recorded as CUDA graphs — no fallback warning — and replay to the same tokens. (In fp32 its
+    expert products fall back to a loop over host offsets: the stand-in test above covers that case.)"""
+    import warnings
+
+    torch.manual_seed(0)
+    model = UniF2aceModel(CFG).cuda().to(torch.bfloat16).eval()
     prompts, codes = ragged_prompts(10, (3, 8))
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*not captured as a CUDA graph.*")

@@ -270,10 +270,11 @@ def test_experts_cuda_match_cpu(dtype):
 @cuda
 @needs_gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_gelu_tanh_backward_rows_cuda_match_cpu(dtype):
+@pytest.mark.parametrize("width", [257, 256])  # the element-wise path, and 16-byte vector accesses
+def test_gelu_tanh_backward_rows_cuda_match_cpu(dtype, width):
     g = _gen(12)
-    pre = (torch.randn(300, 257, generator=g) * 3).to(dtype)
-    d_hid = torch.randn(300, 257, generator=g).to(dtype)
+    pre = (torch.randn(300, width, generator=g) * 3).to(dtype)
+    d_hid = torch.randn(300, width, generator=g).to(dtype)
     w = torch.rand(300, generator=g)
     cpu = moe_ops.moe_gelu_tanh_backward_rows(pre, d_hid, w)
     gpu = moe_ops.moe_gelu_tanh_backward_rows(pre.cuda(), d_hid.cuda(), w.cuda())

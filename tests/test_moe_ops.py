@@ -4,6 +4,7 @@ import torch
 
 import unif2ace
 from unif2ace import ops
+from unif2ace.ops import moe as moe_ops
 from unif2ace.ops import reference as ref
 
 cuda = pytest.mark.cuda
@@ -278,15 +279,49 @@ def test_bad_inputs_name_the_argument():
         ops.moe_combine(torch.randn(12, 3), torch.ones(6, 2, dtype=torch.int64), ss)
 
 
+@pytest.mark.parametrize("bad", [2**63, 2**64 + 1, True, 2.0, "2", None, 0, -1])
+def test_int_arguments_are_checked_by_name(bad):
+    """Sizes given as Python ints: too large for int64, bools, non-ints and non-positive values raise ValueError naming
+    the argument (not a conversion error from the op layer)."""
+    logits, gid = _inputs(6, 2, 4)
+    ids = torch.zeros(6, 2, dtype=torch.int64)
+    if not isinstance(bad, bool):  # True is a valid-looking 1 everywhere but must still be refused
+        with pytest.raises(ValueError, match="num_groups"):
+            ops.moe_gate(logits, gid, num_groups=bad, top_k=2)
+    with pytest.raises(ValueError, match="num_groups"):
+        ops.moe_gate(logits, gid, num_groups=True, top_k=2)
+    with pytest.raises(ValueError, match="top_k"):
+        ops.moe_gate(logits, gid, num_groups=2, top_k=bad)
+    with pytest.raises(ValueError, match="num_experts"):
+        ops.moe_sort(ids, bad)
+    with pytest.raises(ValueError, match="num_experts"):
+        ops.moe_dispatch(torch.randn(6, 3), ids, bad)
+    with pytest.raises(ValueError, match="num_groups"):
+        ops.balance_loss(torch.ones(8, dtype=torch.int64), torch.rand(8), bad)
+    out = torch.zeros(6, 3)
+    with pytest.raises(ValueError, match="top_k"):
+        moe_ops.moe_scatter_add_rows_(out, torch.randn(2, 3), torch.tensor([0, 1]), bad)
+
+
+def test_balance_loss_rejects_negative_counts():
+    counts = torch.tensor([3, 1, 0, 4, 2, 2, 0, 0])
+    pm = torch.rand(8)
+    ops.balance_loss(counts, pm, 2)  # valid
+    counts[5] = -2
+    with pytest.raises(ValueError, match="expert_counts.*non-negative"):
+        ops.balance_loss(counts, pm, 2)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # CUDA
 # ---------------------------------------------------------------------------------------------------------
 @cuda
 @needs_gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_cuda_matches_cpu(dtype):
+@pytest.mark.parametrize("H", [64, 33])  # 16-byte vector row accesses, and the element-wise fallback
+def test_cuda_matches_cpu(dtype, H):
     g = _gen(16)
-    T, G, E, k, H = 3000, 2, 8, 4, 64
+    T, G, E, k = 3000, 2, 8, 4
     logits = torch.randn(T, G * E, generator=g).to(dtype)
     gid = torch.randint(0, G, (T,), generator=g)
     mask = torch.rand(T, generator=g) > 0.1
@@ -294,8 +329,10 @@ def test_cuda_matches_cpu(dtype):
     dy = torch.randn(T, H, generator=g).to(dtype)
     out = {}
     for dev in ("cpu", "cuda"):
-        z = logits.to(dev).requires_grad_()
-        xx = x.to(dev).requires_grad_()
+        # Leaves on both devices: `.to("cpu")` of a CPU tensor is the tensor itself, and `.to("cuda")` of one that
+        # requires grad is not a leaf (its .grad stays None).
+        z = logits.to(dev).detach().requires_grad_()
+        xx = x.to(dev).detach().requires_grad_()
         gates, ids, counts, pm = ops.moe_gate(z, gid.to(dev), num_groups=G, top_k=k, token_mask=mask.to(dev))
         xs, off, ss = ops.moe_dispatch(xx, ids, G * E)
         y = ops.moe_combine(xs * 2, gates, ss)

@@ -30,6 +30,7 @@
   X(moe, unpermute_sum_backward_cpu, 10)  \
   X(moe, scatter_add_rows_cpu, 9)         \
   X(moe, gelu_tanh_backward_rows_cpu, 9)  \
+  X(moe, bias_gelu_tanh_rows_cpu, 8)      \
   X(sampling, maskgit_step_cpu, 8)        \
   X(sampling, sample_next_token_cpu, 4)   \
   X(sampling, philox_noise_cpu, 5)

@@ -6,6 +6,7 @@
 #include <cstring>
 #include <limits>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "unif2ace/cpu_math.h"
@@ -245,7 +246,7 @@ void scatter_add_rows(const T* rows, int64_t n_rows, int64_t hidden, int64_t top
 constexpr double kGeluK0 = 0.7978845608028654;  // sqrt(2 / pi)
 constexpr double kGeluK1 = 0.044715;
 
-template <typename T, typename A = typename Acc<T>::type>
+template <bool kHidW, typename T, typename A = typename Acc<T>::type>
 void gelu_tanh_backward_rows(const T* pre, const T* d_hid, int64_t n_rows, int64_t width, const A* row_weights,
                              T* hid_w, T* d_pre, A* row_dot) {
   const A k0 = static_cast<A>(kGeluK0), k1 = static_cast<A>(kGeluK1);
@@ -254,7 +255,7 @@ void gelu_tanh_backward_rows(const T* pre, const T* d_hid, int64_t n_rows, int64
     const A w = row_weights != nullptr ? row_weights[i] : A(1);
     const T* p = pre + i * width;
     const T* dh = d_hid + i * width;
-    T* hw = hid_w + i * width;
+    T* hw = kHidW ? hid_w + i * width : nullptr;
     T* dp = d_pre + i * width;
     A dot = 0;
 #pragma omp simd reduction(+ : dot)
@@ -265,10 +266,29 @@ void gelu_tanh_backward_rows(const T* pre, const T* d_hid, int64_t n_rows, int64
       const A grad = s + A(2) * x * s * (A(1) - s) * k0 * (A(1) + A(3) * k1 * x * x);
       const A g = widen(dh[f]);
       dot += g * act;
-      hw[f] = narrow<T>(w * act);
+      if constexpr (kHidW) hw[f] = narrow<T>(w * act);
       dp[f] = narrow<T>(w * g * grad);
     }
     if (row_dot != nullptr) row_dot[i] = dot;
+  }
+}
+
+template <typename T, typename A = typename Acc<T>::type>
+void bias_gelu_tanh_rows(T* pre, const T* bias, int64_t n_rows, int64_t width, const int64_t* row_expert, T* act) {
+  const A k0 = static_cast<A>(kGeluK0), k1 = static_cast<A>(kGeluK1);
+#pragma omp parallel for schedule(static) if (n_rows * width > kParallelWork)
+  for (int64_t i = 0; i < n_rows; ++i) {
+    T* p = pre + i * width;
+    const T* b = bias + row_expert[i] * width;
+    T* a = act + i * width;
+#pragma omp simd
+    for (int64_t f = 0; f < width; ++f) {
+      const T rounded = narrow<T>(widen(p[f]) + widen(b[f]));
+      const A x = widen(rounded);
+      const A s = A(1) / (A(1) + cpu::exp_acc(A(-2) * k0 * (x + k1 * x * x * x)));
+      p[f] = rounded;
+      a[f] = narrow<T>(x * s);
+    }
   }
 }
 
@@ -448,9 +468,32 @@ Status gelu_tanh_backward_rows_cpu(const void* pre, const void* d_hid, DType dty
   dispatch_float(dtype, [&](auto tag) {
     using T = decltype(tag);
     using A = typename Acc<T>::type;
-    gelu_tanh_backward_rows(static_cast<const T*>(pre), static_cast<const T*>(d_hid), n_rows, width,
-                            static_cast<const A*>(row_weights), static_cast<T*>(hid_w), static_cast<T*>(d_pre),
-                            static_cast<A*>(row_dot));
+    const auto run = [&](auto with_hid_w) {
+      gelu_tanh_backward_rows<decltype(with_hid_w)::value>(
+          static_cast<const T*>(pre), static_cast<const T*>(d_hid), n_rows, width,
+          static_cast<const A*>(row_weights), static_cast<T*>(hid_w), static_cast<T*>(d_pre),
+          static_cast<A*>(row_dot));
+    };
+    if (hid_w != nullptr) run(std::true_type{});
+    else run(std::false_type{});
+  });
+  return Status::Ok();
+}
+
+Status bias_gelu_tanh_rows_cpu(void* pre, const void* bias, DType dtype, int64_t n_rows, int64_t width,
+                               const int64_t* row_expert, int64_t n_groups, void* act) {
+  if (n_rows < 0 || width < 0 || n_groups <= 0)
+    return Status::Invalid("moe_bias_gelu_rows: need non-negative sizes and at least one expert");
+  for (int64_t i = 0; i < n_rows; ++i) {
+    if (row_expert[i] < 0 || row_expert[i] >= n_groups)
+      return Status::Invalid("row_expert: entry " + std::to_string(i) + " is outside [0, " + std::to_string(n_groups) +
+                             ")");
+  }
+  if (n_rows == 0 || width == 0) return Status::Ok();
+  dispatch_float(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    bias_gelu_tanh_rows(static_cast<T*>(pre), static_cast<const T*>(bias), n_rows, width, row_expert,
+                        static_cast<T*>(act));
   });
   return Status::Ok();
 }

@@ -4,6 +4,8 @@
 // atomics anywhere.
 #include <cmath>
 #include <cstdint>
+#include <initializer_list>
+#include <type_traits>
 
 #include "unif2ace/cuda_utils.cuh"
 #include "unif2ace/moe.h"
@@ -19,6 +21,56 @@ constexpr int kRowThreads = 256;  // threads per row in the row kernels
 constexpr int64_t kMaxGrid = 65535;
 
 int grid_for(int64_t n) { return static_cast<int>(n < kMaxGrid ? n : kMaxGrid); }
+
+// Row kernels move V = 16 / sizeof(T) elements per thread and access (one 16-byte load or store) when the row width
+// and the base pointers allow it, else V = 1. The arithmetic per element is the same either way, so sums over the
+// k slots (fixed order j = 0..k-1) give the same bits on both paths.
+// x rounded to T (the value a T store then load gives).
+template <typename T>
+__device__ __forceinline__ float round_to(float x) {
+  const T rounded = from_float<T>(x);
+  return cuda::load_float(&rounded);
+}
+
+template <int V, typename T>
+__device__ __forceinline__ void load_floats(const T* p, float* v) {
+  if constexpr (V == 1) {
+    v[0] = cuda::load_float(p);
+  } else {
+    static_assert(V * sizeof(T) == 16, "a vector access is 16 bytes");
+    const uint4 raw = *reinterpret_cast<const uint4*>(p);
+    const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int i = 0; i < V; ++i) v[i] = cuda::load_float(e + i);
+  }
+}
+
+template <int V, typename T>
+__device__ __forceinline__ void store_floats(T* p, const float* v) {
+  if constexpr (V == 1) {
+    p[0] = from_float<T>(v[0]);
+  } else {
+    uint4 raw;
+    T* e = reinterpret_cast<T*>(&raw);
+#pragma unroll
+    for (int i = 0; i < V; ++i) e[i] = from_float<T>(v[i]);
+    *reinterpret_cast<uint4*>(p) = raw;
+  }
+}
+
+bool vec16_ok(int64_t width, size_t elem, std::initializer_list<const void*> ptrs) {
+  if ((width * static_cast<int64_t>(elem)) % 16 != 0) return false;
+  for (const void* p : ptrs)
+    if (p != nullptr && reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
+  return true;
+}
+
+// Launches kernel<T, V> with V = 16 / sizeof(T) when vec16 holds, else V = 1.
+template <typename T, typename Launch>
+void launch_vec(bool vec16, Launch&& launch) {
+  if (vec16) launch(std::integral_constant<int, 16 / static_cast<int>(sizeof(T))>{});
+  else launch(std::integral_constant<int, 1>{});
+}
 
 // Loads token t's group logits, computes max and sum of exp, and the top-k local indices by logit (ties to the
 // lower index). Returns false (and leaves sel untouched) for an out-of-range group.
@@ -268,30 +320,36 @@ __global__ void permute_rows_kernel(const W* src, int64_t n_tokens, int64_t word
   }
 }
 
-template <typename T>
+template <typename T, int V>
 __global__ void unpermute_sum_kernel(const T* rows, int64_t n_tokens, int64_t hidden, int64_t top_k,
                                      const int64_t* slot_pos, const float* weights, T* out) {
   const int64_t n = n_tokens * top_k;
+  const int64_t chunks = hidden / V;
   for (int64_t t = blockIdx.x; t < n_tokens; t += gridDim.x) {
-    for (int64_t h = threadIdx.x; h < hidden; h += blockDim.x) {
-      float acc = 0.0f;
+    for (int64_t c = threadIdx.x; c < chunks; c += blockDim.x) {
+      float acc[V], v[V];
+#pragma unroll
+      for (int i = 0; i < V; ++i) acc[i] = 0.0f;
       for (int64_t j = 0; j < top_k; ++j) {
         const int64_t pos = slot_pos[t * top_k + j];
         if (pos < 0 || pos >= n) continue;
         const float w = weights != nullptr ? weights[t * top_k + j] : 1.0f;
-        acc += w * cuda::load_float(rows + pos * hidden + h);
+        load_floats<V>(rows + pos * hidden + c * V, v);
+#pragma unroll
+        for (int i = 0; i < V; ++i) acc[i] += w * v[i];
       }
-      out[t * hidden + h] = from_float<T>(acc);
+      store_floats<V>(out + t * hidden + c * V, acc);
     }
   }
 }
 
-template <typename T>
+template <typename T, int V>
 __global__ void unpermute_sum_backward_kernel(const T* grad_out, const T* rows, int64_t n_tokens, int64_t hidden,
                                               int64_t top_k, const int64_t* sorted_slot, const float* weights,
                                               T* grad_rows, float* grad_weights) {
   __shared__ float scratch[32];
   const int64_t n = n_tokens * top_k;
+  const int64_t chunks = hidden / V;
   for (int64_t i = blockIdx.x; i < n; i += gridDim.x) {
     const int64_t s = sorted_slot[i];
     const bool ok = s >= 0 && s < n;
@@ -300,10 +358,21 @@ __global__ void unpermute_sum_backward_kernel(const T* grad_out, const T* rows, 
     const T* r = rows + i * hidden;
     T* gr = grad_rows + i * hidden;
     float dot = 0.0f;
-    for (int64_t h = threadIdx.x; h < hidden; h += blockDim.x) {
-      const float g = ok ? cuda::load_float(go + h) : 0.0f;
-      gr[h] = from_float<T>(w * g);
-      dot += g * cuda::load_float(r + h);
+    for (int64_t c = threadIdx.x; c < chunks; c += blockDim.x) {
+      float g[V], rv[V], out[V];
+      if (ok) {
+        load_floats<V>(go + c * V, g);
+      } else {
+#pragma unroll
+        for (int e = 0; e < V; ++e) g[e] = 0.0f;
+      }
+      load_floats<V>(r + c * V, rv);
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        out[e] = w * g[e];
+        dot += g[e] * rv[e];
+      }
+      store_floats<V>(gr + c * V, out);
     }
     dot = cuda::block_reduce<false>(dot, scratch);
     if (threadIdx.x == 0 && ok) grad_weights[s] = dot;
@@ -326,28 +395,68 @@ __global__ void scatter_add_rows_kernel(const T* rows, int64_t n_rows, int64_t h
 
 // One block per row: GELU (tanh form) and its derivative per element, the row's dot product by a fixed-tree block
 // reduction.
-template <typename T>
+template <typename T, int V>
 __global__ void gelu_tanh_backward_rows_kernel(const T* pre, const T* d_hid, int64_t n_rows, int64_t width,
                                                const float* row_weights, T* hid_w, T* d_pre, float* row_dot) {
   __shared__ float scratch[32];
   const float k0 = 0.7978845608028654f, k1 = 0.044715f;
+  const int64_t chunks = width / V;
   for (int64_t i = blockIdx.x; i < n_rows; i += gridDim.x) {
     const float w = row_weights != nullptr ? row_weights[i] : 1.0f;
     float dot = 0.0f;
-    for (int64_t f = threadIdx.x; f < width; f += blockDim.x) {
-      const int64_t at = i * width + f;
-      const float x = cuda::load_float(pre + at);
-      // 1 + tanh(u) = 2·sigmoid(2u): no cancellation for negative x (see the CPU kernel).
-      const float s = 1.0f / (1.0f + expf(-2.0f * k0 * (x + k1 * x * x * x)));
-      const float act = x * s;
-      const float grad = s + 2.0f * x * s * (1.0f - s) * k0 * (1.0f + 3.0f * k1 * x * x);
-      const float g = cuda::load_float(d_hid + at);
-      dot += g * act;
-      hid_w[at] = from_float<T>(w * act);
-      d_pre[at] = from_float<T>(w * g * grad);
+    for (int64_t c = threadIdx.x; c < chunks; c += blockDim.x) {
+      const int64_t at = i * width + c * V;
+      float x[V], g[V], hw[V], dp[V];
+      load_floats<V>(pre + at, x);
+      load_floats<V>(d_hid + at, g);
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        // 1 + tanh(u) = 2·sigmoid(2u): no cancellation for negative x (see the CPU kernel).
+        const float s = 1.0f / (1.0f + expf(-2.0f * k0 * (x[e] + k1 * x[e] * x[e] * x[e])));
+        const float act = x[e] * s;
+        const float grad = s + 2.0f * x[e] * s * (1.0f - s) * k0 * (1.0f + 3.0f * k1 * x[e] * x[e]);
+        dot += g[e] * act;
+        hw[e] = w * act;
+        dp[e] = w * g[e] * grad;
+      }
+      if (hid_w != nullptr) store_floats<V>(hid_w + at, hw);
+      store_floats<V>(d_pre + at, dp);
     }
     dot = cuda::block_reduce<false>(dot, scratch);
     if (threadIdx.x == 0 && row_dot != nullptr) row_dot[i] = dot;
+  }
+}
+
+// One block per row: the row's expert bias added in place (rounded to T, the value the backward reads) and GELU (tanh
+// form, the backward kernel's sigmoid formula) of the rounded sum.
+template <typename T, int V>
+__global__ void bias_gelu_tanh_rows_kernel(T* pre, const T* bias, int64_t n_rows, int64_t width,
+                                           const int64_t* row_expert, int64_t n_groups, T* act) {
+  const float k0 = 0.7978845608028654f, k1 = 0.044715f;
+  const int64_t chunks = width / V;
+  for (int64_t i = blockIdx.x; i < n_rows; i += gridDim.x) {
+    const int64_t e = row_expert[i];
+    const bool has_bias = e >= 0 && e < n_groups;
+    for (int64_t c = threadIdx.x; c < chunks; c += blockDim.x) {
+      const int64_t at = i * width + c * V;
+      float x[V], b[V], a[V];
+      load_floats<V>(pre + at, x);
+      if (has_bias) {
+        load_floats<V>(bias + e * width + c * V, b);
+      } else {
+#pragma unroll
+        for (int j = 0; j < V; ++j) b[j] = 0.0f;
+      }
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        const float v = round_to<T>(x[j] + b[j]);
+        x[j] = v;
+        const float s = 1.0f / (1.0f + expf(-2.0f * k0 * (v + k1 * v * v * v)));
+        a[j] = v * s;
+      }
+      store_floats<V>(pre + at, x);
+      store_floats<V>(act + at, a);
+    }
   }
 }
 
@@ -483,10 +592,13 @@ Status unpermute_sum_cuda(const void* rows, DType dtype, int64_t n_tokens, int64
   if (!guard.status().ok()) return guard.status();
   if (n_tokens == 0 || hidden == 0) return Status::Ok();
   auto s = static_cast<cudaStream_t>(stream);
+  const bool vec = vec16_ok(hidden, dtype_bytes(dtype), {rows, out});
   dispatch_half_float(dtype, [&](auto tag) {
     using T = decltype(tag);
-    unpermute_sum_kernel<T><<<grid_for(n_tokens), kRowThreads, 0, s>>>(
-        static_cast<const T*>(rows), n_tokens, hidden, top_k, slot_pos, weights, static_cast<T*>(out));
+    launch_vec<T>(vec, [&](auto v) {
+      unpermute_sum_kernel<T, decltype(v)::value><<<grid_for(n_tokens), kRowThreads, 0, s>>>(
+          static_cast<const T*>(rows), n_tokens, hidden, top_k, slot_pos, weights, static_cast<T*>(out));
+    });
   });
   return cuda::check_launch("moe unpermute_sum kernel");
 }
@@ -501,11 +613,14 @@ Status unpermute_sum_backward_cuda(const void* grad_out, const void* rows, DType
   if (!guard.status().ok()) return guard.status();
   if (n_tokens == 0) return Status::Ok();
   auto s = static_cast<cudaStream_t>(stream);
+  const bool vec = vec16_ok(hidden, dtype_bytes(dtype), {grad_out, rows, grad_rows});
   dispatch_half_float(dtype, [&](auto tag) {
     using T = decltype(tag);
-    unpermute_sum_backward_kernel<T><<<grid_for(n_tokens * top_k), kRowThreads, 0, s>>>(
-        static_cast<const T*>(grad_out), static_cast<const T*>(rows), n_tokens, hidden, top_k, sorted_slot,
-        weights, static_cast<T*>(grad_rows), grad_weights);
+    launch_vec<T>(vec, [&](auto v) {
+      unpermute_sum_backward_kernel<T, decltype(v)::value><<<grid_for(n_tokens * top_k), kRowThreads, 0, s>>>(
+          static_cast<const T*>(grad_out), static_cast<const T*>(rows), n_tokens, hidden, top_k, sorted_slot,
+          weights, static_cast<T*>(grad_rows), grad_weights);
+    });
   });
   return cuda::check_launch("moe unpermute_sum_backward kernel");
 }
@@ -539,13 +654,38 @@ Status gelu_tanh_backward_rows_cuda(const void* pre, const void* d_hid, DType dt
   if (!guard.status().ok()) return guard.status();
   if (n_rows == 0) return Status::Ok();
   auto s = static_cast<cudaStream_t>(stream);
+  const bool vec = vec16_ok(width, dtype_bytes(dtype), {pre, d_hid, hid_w, d_pre});
   dispatch_half_float(dtype, [&](auto tag) {
     using T = decltype(tag);
-    gelu_tanh_backward_rows_kernel<T><<<grid_for(n_rows), kRowThreads, 0, s>>>(
-        static_cast<const T*>(pre), static_cast<const T*>(d_hid), n_rows, width, row_weights, static_cast<T*>(hid_w),
-        static_cast<T*>(d_pre), row_dot);
+    launch_vec<T>(vec, [&](auto v) {
+      gelu_tanh_backward_rows_kernel<T, decltype(v)::value><<<grid_for(n_rows), kRowThreads, 0, s>>>(
+          static_cast<const T*>(pre), static_cast<const T*>(d_hid), n_rows, width, row_weights,
+          static_cast<T*>(hid_w), static_cast<T*>(d_pre), row_dot);
+    });
   });
   return cuda::check_launch("moe gelu_tanh_backward_rows kernel");
+}
+
+Status bias_gelu_tanh_rows_cuda(void* pre, const void* bias, DType dtype, int64_t n_rows, int64_t width,
+                                const int64_t* row_expert, int64_t n_groups, void* act, int device, void* stream) {
+  Status st = reject_fp64(dtype, "moe_bias_gelu_rows");
+  if (!st.ok()) return st;
+  if (n_rows < 0 || width < 0 || n_groups <= 0)
+    return Status::Invalid("moe_bias_gelu_rows: need non-negative sizes and at least one expert");
+  cuda::DeviceGuard guard(device);
+  if (!guard.status().ok()) return guard.status();
+  if (n_rows == 0 || width == 0) return Status::Ok();
+  auto s = static_cast<cudaStream_t>(stream);
+  const bool vec = vec16_ok(width, dtype_bytes(dtype), {pre, bias, act});
+  dispatch_half_float(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    launch_vec<T>(vec, [&](auto v) {
+      bias_gelu_tanh_rows_kernel<T, decltype(v)::value><<<grid_for(n_rows), kRowThreads, 0, s>>>(
+          static_cast<T*>(pre), static_cast<const T*>(bias), n_rows, width, row_expert, n_groups,
+          static_cast<T*>(act));
+    });
+  });
+  return cuda::check_launch("moe bias_gelu_tanh_rows kernel");
 }
 
 }  // namespace moe

@@ -1,4 +1,4 @@
-"""Grouped token-level and sequence-level mixture-of-experts layers (DESIGN §5).
+"""Grouped token-level and sequence-level mixture-of-experts layers (docs/design.md §5).
 
 Both layers take `backend="kernels"` (the fused ops of `unif2ace.ops.moe`) or `backend="reference"` (the plain
 PyTorch loop over experts a user would write: softmax, top-k, then for each expert index-select / compute /
@@ -90,8 +90,11 @@ class GroupedTokenMoE(nn.Module):
     second pass with k = 1), which never stores the [T·k, H] sorted copies of x, of the expert outputs or of their
     gradients: the backward keeps x, the gates and the experts' hidden pre-activations [T·k, F]. recompute=True
     drops those too and recomputes them in the backward (one more x·W1ᵀ product per expert), so the layer then
-    saves nothing of size T·k. On CUDA the expert offsets are read on the host to slice the per-expert products
-    (one sync per pass).
+    saves nothing of size T·k. The expert pass is moe_experts' default for the device (unif2ace.ops.moe_mlp): on the
+    CPU one expert at a time over host row ranges; on CUDA grouped products driven by device-side offsets, so the
+    whole layer, forward and backward, runs without a host synchronisation and can be captured in a CUDA graph where
+    torch._grouped_mm covers the operands (bf16, sm90/sm100, H and F multiples of 8); other CUDA dtypes and cards
+    read the expert offsets on the host (one sync per pass).
     """
 
     def __init__(
@@ -262,6 +265,7 @@ class GroupedSequenceMoE(nn.Module):
     deterministic. Both backends use the same draw.
     Missing embeddings: an expert whose embedding is absent from `embeddings` (or embeddings=None) uses a zero
     embedding, f = 0 (documented choice: no host-side check of which sequences route where is needed).
+    The kernels backend reads nothing on the host (no synchronisation on CUDA; capturable in a CUDA graph).
     Padding-only sequences (no True in padding_mask): the mean over no tokens is defined as the zero vector, so
     their router logits are 0, p is uniform and ties send them to the group's first k experts; they are left out
     of the balance-loss statistics.

@@ -1,18 +1,20 @@
-"""Grouped mixture-of-experts ops (DESIGN §5) as torch custom ops around the C++/CUDA kernels.
+"""Grouped mixture-of-experts ops (docs/design.md §5) as torch custom ops around the C++/CUDA kernels.
 
 Public functions:
   moe_gate      fused grouped softmax + top-k + renormalise + routing statistics (expert counts, mean router
                 probabilities for the balance loss); the [T, G·E] probability matrix is never stored
   moe_dispatch  stable expert-sorted permutation of the (token, slot) pairs and the row gather into that order
   moe_combine   the gate-weighted sum of each token's k expert rows back in token order (fixed order j = 0..k−1)
-  grouped_mlp   the experts' 2-matrix MLPs over the expert-sorted rows (per-expert matrix products)
+  grouped_mlp   the experts' 2-matrix MLPs over the expert-sorted rows (defined in unif2ace.ops.moe_mlp)
   moe_sort      the expert-sorted order alone (expert_offsets, sorted_slot), without moving rows
-  moe_experts   dispatch + expert MLPs + combine fused, one expert at a time, without the [T·k, H] intermediates
+  moe_experts   dispatch + expert MLPs + combine in one autograd node (defined in unif2ace.ops.moe_mlp): on the CPU
+                one expert at a time, on CUDA grouped products over device-side offsets without a host sync
                 (what GroupedTokenMoE's kernels backend runs)
   balance_loss  Σ_groups E·Σ_e f_e·P_e from moe_gate's statistics
 
 The custom ops underneath (torch.ops.unif2ace.*): moe_gate, moe_gate_backward, moe_sort, moe_permute,
-moe_unpermute, moe_unpermute_backward, moe_scatter_add_rows. Every one is deterministic: the same inputs give bit-identical outputs on
+moe_unpermute, moe_unpermute_backward, moe_scatter_add_rows, and the expert pass's row kernels
+moe_gelu_tanh_backward_rows and moe_bias_gelu_tanh_rows. Every one is deterministic: the same inputs give bit-identical outputs on
 the same device (fixed-order sums, no float atomics).
 
 Slots: token t's j-th choice is slot s = t·k + j. `sorted_slot[i]` is the slot held by expert-sorted row i;
@@ -54,6 +56,19 @@ def _check_float(t: Tensor, name: str, dim: int) -> None:
         raise ValueError(f"{name}: dtype must be float32, bfloat16, float16 or float64, got {t.dtype}")
 
 
+_INT64_MAX = 2**63 - 1
+
+
+def _check_int(value, name: str, low: int = 1, high: int = _INT64_MAX) -> int:
+    """A Python int in [low, high] (bools are rejected: True would pass as 1). The custom ops take int64, so a larger
+    int would otherwise fail later with a conversion error that does not name the argument."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name}: must be an int, got {type(value).__name__} {value!r}")
+    if not low <= value <= high:
+        raise ValueError(f"{name}: must lie in [{low}, {high}], got {value}")
+    return value
+
+
 def _check_index(t: Tensor, name: str, shape: tuple, device: torch.device) -> None:
     if not isinstance(t, Tensor):
         raise ValueError(f"{name}: expected a tensor, got {type(t).__name__}")
@@ -70,16 +85,14 @@ def _check_index(t: Tensor, name: str, shape: tuple, device: torch.device) -> No
 # ----------------------------------------------------------------------------------------------------------
 def _check_gate(router_logits, group_ids, token_mask, num_groups, top_k):
     _check_float(router_logits, "router_logits", 2)
-    if not isinstance(num_groups, int) or num_groups <= 0:
-        raise ValueError(f"num_groups: must be a positive int, got {num_groups!r}")
+    _check_int(num_groups, "num_groups")
     n_tokens, n_cols = router_logits.shape
     if n_cols == 0 or n_cols % num_groups != 0:
         raise ValueError(
             f"router_logits: the number of columns ({n_cols}) must be a positive multiple of num_groups ({num_groups})"
         )
     n_experts = n_cols // num_groups
-    if not isinstance(top_k, int) or not 1 <= top_k <= n_experts:
-        raise ValueError(f"top_k: must lie in [1, {n_experts}] (the experts per group), got {top_k!r}")
+    _check_int(top_k, "top_k (at most the experts per group)", 1, n_experts)
     _check_index(group_ids, "group_ids", (n_tokens,), router_logits.device)
     if token_mask is not None:
         if token_mask.dtype != torch.bool or tuple(token_mask.shape) != (n_tokens,):
@@ -193,6 +206,9 @@ def moe_gate(
                               without tokens); differentiable — the P of the balance loss
     The selection is made on the logits (the same order as on the probabilities, without rounding ties).
     """
+    # The op layer takes int64: check the Python ints here, before the call converts them.
+    _check_int(num_groups, "num_groups")
+    _check_int(top_k, "top_k")
     gates, ids, counts, prob_mean, _ = torch.ops.unif2ace.moe_gate(
         router_logits, group_ids, token_mask, num_groups, top_k, renormalize
     )
@@ -316,8 +332,7 @@ def moe_sort(expert_ids: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
         raise ValueError(f"expert_ids: expected a 2-D int64 tensor [T, k], got {got}")
     if expert_ids.shape[1] == 0:
         raise ValueError("expert_ids: top_k (its second dimension) must be positive")
-    if not isinstance(num_experts, int) or num_experts <= 0:
-        raise ValueError(f"num_experts: must be a positive int, got {num_experts!r}")
+    _check_int(num_experts, "num_experts")
     return torch.ops.unif2ace.moe_sort(expert_ids, num_experts)
 
 
@@ -370,14 +385,52 @@ def _scatter_add_rows(out: Tensor, rows: Tensor, slots: Tensor, top_k: int, weig
                             stream_of(rows))
 
 
-def _gelu_tanh_backward_rows(pre: Tensor, d_hid: Tensor, row_weights: Optional[Tensor], with_row_dot: bool
-                             ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+def _gelu_tanh_backward_rows(pre: Tensor, d_hid: Tensor, row_weights: Optional[Tensor], with_row_dot: bool,
+                             d_pre: Optional[Tensor] = None, with_hid_w: bool = True
+                             ) -> tuple[Optional[Tensor], Tensor, Optional[Tensor]]:
+    """d_pre: where to write it (None: a fresh tensor); it may be d_hid itself — the kernels read each element before
+    they write it — for a caller that owns that (contiguous) tensor and needs it no more. with_hid_w=False skips
+    hid_w (returned as None)."""
     pre, d_hid = pre.contiguous(), d_hid.contiguous()
-    hid_w, d_pre = torch.empty_like(pre), torch.empty_like(pre)
+    hid_w = torch.empty_like(pre) if with_hid_w else None
+    d_pre = torch.empty_like(pre) if d_pre is None else d_pre
     row_dot = pre.new_empty(pre.shape[0], dtype=_acc_dtype(pre)) if with_row_dot else None
-    _C.moe_gelu_tanh_backward_rows(dl(pre), dl(d_hid), _opt_dl(row_weights), dl(hid_w), dl(d_pre), _opt_dl(row_dot),
+    _C.moe_gelu_tanh_backward_rows(dl(pre), dl(d_hid), _opt_dl(row_weights), _opt_dl(hid_w), dl(d_pre), _opt_dl(row_dot),
                                    stream_of(pre))
     return hid_w, d_pre, row_dot
+
+
+def _bias_gelu_tanh_rows(pre: Tensor, bias: Tensor, row_expert: Tensor) -> Tensor:
+    """In place pre += bias[row_expert]; returns gelu(pre) (tanh form) of the rounded sum. pre contiguous."""
+    act = torch.empty_like(pre)
+    _C.moe_bias_gelu_tanh_rows(dl(pre), dl(bias.contiguous()), dl(row_expert.contiguous()), dl(act), stream_of(pre))
+    return act
+
+
+@torch.library.custom_op("unif2ace::moe_bias_gelu_tanh_rows", mutates_args=())
+def _moe_bias_gelu_tanh_rows(pre: Tensor, bias: Tensor, row_expert: Tensor) -> tuple[Tensor, Tensor]:
+    out = pre.contiguous().clone()
+    return out, _bias_gelu_tanh_rows(out, bias, row_expert)
+
+
+@_moe_bias_gelu_tanh_rows.register_fake
+def _(pre, bias, row_expert):
+    return (torch.empty_like(pre, memory_format=torch.contiguous_format),
+            torch.empty_like(pre, memory_format=torch.contiguous_format))
+
+
+def moe_bias_gelu_tanh_rows(pre: Tensor, bias: Tensor, row_expert: Tensor) -> tuple[Tensor, Tensor]:
+    """The grouped expert pass's first bias and activation in one pass: returns (pre + bias[row_expert] rounded to
+    pre's dtype, GELU of it (tanh form)). pre [n, F]; bias [G, F] of pre's dtype; row_expert [n] int64 in [0, G)
+    (checked on the CPU; on CUDA a row with an id outside gets no bias). Not differentiable (a building block of
+    ops.moe_mlp's grouped pass, which calls the kernel in place)."""
+    _check_float(pre, "pre", 2)
+    _check_float(bias, "bias", 2)
+    if bias.dtype != pre.dtype or bias.shape[1] != pre.shape[1] or bias.device != pre.device:
+        raise ValueError(f"bias: expected a {pre.dtype} tensor [G, {pre.shape[1]}] on {pre.device}, got {bias.dtype} "
+                         f"{list(bias.shape)} on {bias.device}")
+    _check_index(row_expert, "row_expert", (pre.shape[0],), pre.device)
+    return torch.ops.unif2ace.moe_bias_gelu_tanh_rows(pre, bias, row_expert)
 
 
 @torch.library.custom_op("unif2ace::moe_scatter_add_rows", mutates_args=("out",))
@@ -404,8 +457,7 @@ def moe_scatter_add_rows_(out: Tensor, rows: Tensor, slots: Tensor, top_k: int,
         raise ValueError(f"out: must be a contiguous {_acc_dtype(rows)} tensor (the accumulation dtype of "
                          f"{rows.dtype} rows), got {out.dtype}")
     _check_index(slots, "slots", (rows.shape[0],), rows.device)
-    if not isinstance(top_k, int) or top_k <= 0:
-        raise ValueError(f"top_k: must be a positive int, got {top_k!r}")
+    _check_int(top_k, "top_k")
     if weights is not None:
         _check_float(weights, "weights", 1)
         if weights.dtype != out.dtype or weights.shape[0] != out.shape[0] * top_k:
@@ -449,277 +501,11 @@ def moe_gelu_tanh_backward_rows(pre: Tensor, d_hid: Tensor, row_weights: Optiona
     return torch.ops.unif2ace.moe_gelu_tanh_backward_rows(pre, d_hid, row_weights)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Expert MLPs over the expert-sorted rows
-# ----------------------------------------------------------------------------------------------------------
-_ACTIVATIONS = ("gelu_tanh", "gelu")
-
-
-def _act(h: Tensor, activation: str) -> Tensor:
-    return F.gelu(h, approximate="tanh" if activation == "gelu_tanh" else "none")
-
-
-def _act_backward(grad: Tensor, h: Tensor, activation: str) -> Tensor:
-    return torch.ops.aten.gelu_backward(grad, h, approximate="tanh" if activation == "gelu_tanh" else "none")
-
-
-def _expert_weight_grads(w1: Tensor, w2: Tensor, bounds: tuple) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Uninitialised (gw1, gb1, gw2, gb2) for the stacked expert weights, with the slices of experts without rows
-    zeroed: the backward passes write every other slice in full."""
-    gw1, gw2 = torch.empty_like(w1), torch.empty_like(w2)
-    gb1 = w1.new_empty(w1.shape[0], w1.shape[1])
-    gb2 = w2.new_empty(w2.shape[0], w2.shape[1])
-    for e, (a, b) in enumerate(bounds):
-        if b == a:
-            for grad in (gw1, gb1, gw2, gb2):
-                grad[e].zero_()
-    return gw1, gb1, gw2, gb2
-
-
-class _GroupedMLP(torch.autograd.Function):
-    """Per-expert 2-matrix MLPs over contiguous row ranges. Saves only the pre-activation [N, F] (the activation is
-    recomputed in the backward) and writes every weight gradient straight into its slice of the stacked gradient."""
-
-    @staticmethod
-    def forward(ctx, x, bounds, activation, w1, b1, w2, b2):
-        n, f = x.shape[0], w1.shape[1]
-        pre = x.new_zeros(n, f) if bounds[-1][1] < n else x.new_empty(n, f)
-        out = x.new_zeros(n, w2.shape[1]) if bounds[-1][1] < n else x.new_empty(n, w2.shape[1])
-        for e, (a, b) in enumerate(bounds):
-            if b == a:
-                continue
-            torch.addmm(b1[e], x[a:b], w1[e].t(), out=pre[a:b])
-            torch.addmm(b2[e], _act(pre[a:b], activation), w2[e].t(), out=out[a:b])
-        ctx.bounds, ctx.activation = bounds, activation
-        ctx.save_for_backward(x, pre, w1, w2)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, pre, w1, w2 = ctx.saved_tensors
-        grad_out = grad_out.contiguous()
-        # Every row and every expert with tokens is written below; only the rest is zeroed.
-        gx = torch.empty_like(x)
-        gx[ctx.bounds[-1][1]:].zero_()
-        gw1, gb1, gw2, gb2 = _expert_weight_grads(w1, w2, ctx.bounds)
-        for e, (a, b) in enumerate(ctx.bounds):
-            if b == a:
-                continue
-            dy, h = grad_out[a:b], pre[a:b]
-            torch.mm(dy.t(), _act(h, ctx.activation), out=gw2[e])
-            torch.sum(dy, 0, out=gb2[e])
-            dh = _act_backward(torch.mm(dy, w2[e]), h, ctx.activation)
-            torch.mm(dh.t(), x[a:b], out=gw1[e])
-            torch.sum(dh, 0, out=gb1[e])
-            torch.mm(dh, w1[e], out=gx[a:b])
-        return gx, None, None, gw1, gb1, gw2, gb2
-
-
-def _expert_bounds(expert_offsets: Tensor, x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
-                   n_rows: int, x_name: str) -> tuple:
-    """Checks the stacked expert weights against x [·, H] and returns the experts' (start, end) row ranges, read
-    from expert_offsets on the host."""
-    _check_float(w1, "w1", 3)
-    n_exp, f, h = w1.shape
-    if n_exp == 0:
-        raise ValueError("w1: needs at least one expert")
-    if h != x.shape[1]:
-        raise ValueError(f"w1: expected [{n_exp}, F, {x.shape[1]}] (the width of {x_name}), got {list(w1.shape)}")
-    _check_float(w2, "w2", 3)
-    h_out = w2.shape[1]
-    for name, t, shape in (("b1", b1, (n_exp, f)), ("w2", w2, (n_exp, h_out, f)), ("b2", b2, (n_exp, h_out))):
-        _check_float(t, name, len(shape))
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{name}: expected shape {list(shape)}, got {list(t.shape)}")
-    for name, t in (("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)):
-        if t.dtype != x.dtype or t.device != x.device:
-            raise ValueError(f"{name}: must have the dtype and device of {x_name} ({x.dtype}, {x.device}), got "
-                             f"{t.dtype}, {t.device}")
-    if not isinstance(expert_offsets, Tensor) or expert_offsets.dtype != torch.int64:
-        got = expert_offsets.dtype if isinstance(expert_offsets, Tensor) else type(expert_offsets).__name__
-        raise ValueError(f"expert_offsets: expected an int64 tensor, got {got}")
-    if expert_offsets.shape != (n_exp + 1,):
-        raise ValueError(f"expert_offsets: expected shape [{n_exp + 1}], got {list(expert_offsets.shape)}")
-    offs = expert_offsets.tolist()  # host read (a sync on CUDA)
-    if offs[0] != 0 or offs[-1] > n_rows or any(a > b for a, b in zip(offs[:-1], offs[1:])):
-        raise ValueError(f"expert_offsets: must rise from 0 to at most the number of rows ({n_rows}), got {offs}")
-    return tuple(zip(offs[:-1], offs[1:]))
-
-
-def grouped_mlp(
-    x_sorted: Tensor,
-    expert_offsets: Tensor,
-    w1: Tensor,
-    b1: Tensor,
-    w2: Tensor,
-    b2: Tensor,
-    activation: str = "gelu_tanh",
-) -> Tensor:
-    """Expert e's MLP `act(x @ w1[e]ᵀ + b1[e]) @ w2[e]ᵀ + b2[e]` on its rows expert_offsets[e] : expert_offsets[e+1]
-    of `x_sorted [N, H]`. w1 [NE, F, H], b1 [NE, F], w2 [NE, H_out, F], b2 [NE, H_out]. Rows past
-    expert_offsets[-1] (slots whose expert id was invalid, possible on CUDA only) come out as zeros.
-
-    The slicing reads expert_offsets on the host: free on the CPU, one device-to-host synchronisation per call on
-    CUDA (as in moe_experts; torch._grouped_mm would remove it on sm90 bf16, but its CPU path is slower than this
-    loop and its CPU backward fails for these layouts in torch 2.13).
-    """
-    if activation not in _ACTIVATIONS:
-        raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {activation!r}")
-    _check_float(x_sorted, "x_sorted", 2)
-    bounds = _expert_bounds(expert_offsets, x_sorted, w1, b1, w2, b2, n_rows=x_sorted.shape[0], x_name="x_sorted")
-    return _GroupedMLP.apply(x_sorted.contiguous(), bounds, activation, w1, b1, w2, b2)
-
-
-class _ExpertLayer(torch.autograd.Function):
-    """Dispatch, the experts' MLPs and the gate-weighted combine as one autograd node, one expert at a time.
-
-    Expert e gathers its token rows (x[slot // k] for its slots), runs its MLP and adds gate · output straight into
-    the [T, H] result (moe_scatter_add_rows), so the [T·k, H] sorted copies of x, of the expert outputs and of
-    their gradients are never stored; the only [T·k, ·] tensor kept for the backward is the experts' hidden
-    pre-activation [T·k, F], and not even that with `recompute` (one more x·W1ᵀ product per expert in the backward).
-
-    The gate gradient uses ⟨dy, MLP(x)⟩ = ⟨dy·W2, act(pre)⟩ + ⟨dy, b2⟩, so the expert outputs need not be kept
-    for it. Summation order: each token's terms are added in ascending expert order, on every run.
-    """
-
-    @staticmethod
-    def forward(ctx, x, gates, sorted_slot, bounds, top_k, activation, recompute, w1, b1, w2, b2):
-        acc = _acc_dtype(x)
-        y = torch.zeros(x.shape, dtype=acc, device=x.device)
-        weights = None if gates is None else gates.reshape(-1)
-        # One buffer for every expert's pre-activation (kept for the backward): per-expert tensors would leave the
-        # heap fragmented between the transient rows of successive experts.
-        pre_all = None if recompute else x.new_empty(bounds[-1][1] if bounds else 0, w1.shape[1])
-        for e, (a, b) in enumerate(bounds):
-            if b == a:
-                continue
-            slots = sorted_slot[a:b]
-            xe = _gather_rows(x, slots, top_k)
-            pre = torch.addmm(b1[e], xe, w1[e].t(), out=None if recompute else pre_all[a:b])
-            ye = torch.addmm(b2[e], _act(pre, activation), w2[e].t())
-            _scatter_add_rows(y, ye, slots, top_k, weights)
-        ctx.bounds, ctx.top_k, ctx.activation, ctx.recompute = bounds, top_k, activation, recompute
-        ctx.has_gates = gates is not None
-        ctx.save_for_backward(x, gates, sorted_slot, w1, b1, w2, b2, pre_all)
-        return y if y.dtype == x.dtype else y.to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        # The forward ran with autocast off, in the dtype of its inputs; so does the backward, whatever the caller's
-        # autocast state during .backward().
-        with torch.autocast(grad_y.device.type, enabled=False):
-            return _ExpertLayer._backward(ctx, grad_y)
-
-    @staticmethod
-    def _backward(ctx, grad_y):
-        x, gates, sorted_slot, w1, b1, w2, b2, pre_all = ctx.saved_tensors
-        k, act_name = ctx.top_k, ctx.activation
-        acc = _acc_dtype(x)
-        dy = grad_y.to(x.dtype).contiguous()
-        need_x = ctx.needs_input_grad[0]
-        gx = torch.zeros(x.shape, dtype=acc, device=x.device) if need_x else None
-        weights = gates.reshape(-1) if ctx.has_gates else None
-        g_gates = torch.zeros_like(weights) if ctx.has_gates else None
-        gw1, gb1, gw2, gb2 = _expert_weight_grads(w1, w2, ctx.bounds)
-        for e, (a, b) in enumerate(ctx.bounds):
-            if b == a:
-                continue
-            slots = sorted_slot[a:b]
-            xe = _gather_rows(x, slots, k)
-            dye = _gather_rows(dy, slots, k)
-            pre = torch.addmm(b1[e], xe, w1[e].t()) if ctx.recompute else pre_all[a:b]
-            d_hid = torch.mm(dye, w2[e])
-            # d gate = ⟨dy_t, act(pre)·W2ᵀ + b2⟩ without the expert output: ⟨dy_t·W2, act(pre)⟩ + ⟨dy_t, b2⟩.
-            we = None if weights is None else weights[slots]
-            if act_name == "gelu_tanh":
-                # One pass: gate-weighted activation (for the W2 gradient), weighted activation backward, row dots.
-                hid_w, d_pre, row_dot = _gelu_tanh_backward_rows(pre, d_hid, we, with_row_dot=we is not None)
-            else:
-                # The erf form has no fused kernel (cpu_math.h has no vectorisable erf): the same quantities from
-                # torch's activation ops.
-                hid = _act(pre, act_name)
-                row_dot = None if we is None else (d_hid.to(acc) * hid.to(acc)).sum(1)
-                hid_w = hid if we is None else hid * we.to(x.dtype)[:, None]
-                d_pre = _act_backward(d_hid if we is None else d_hid * we.to(x.dtype)[:, None], pre, act_name)
-            torch.mm(dye.t(), hid_w, out=gw2[e])
-            if we is None:
-                torch.sum(dye, 0, out=gb2[e])
-            else:
-                g_gates[slots] = row_dot + dye.to(acc) @ b2[e].to(acc)
-                torch.mv(dye.t(), we.to(x.dtype), out=gb2[e])
-            torch.mm(d_pre.t(), xe, out=gw1[e])
-            torch.sum(d_pre, 0, out=gb1[e])
-            if need_x:
-                _scatter_add_rows(gx, torch.mm(d_pre, w1[e]), slots, k, None)
-        if gx is not None and gx.dtype != x.dtype:
-            gx = gx.to(x.dtype)
-        g_gates = None if g_gates is None else g_gates.view(gates.shape)
-        return gx, g_gates, None, None, None, None, None, gw1, gb1, gw2, gb2
-
-
-def moe_experts(
-    x: Tensor,
-    gates: Optional[Tensor],
-    sorted_slot: Tensor,
-    expert_offsets: Tensor,
-    w1: Tensor,
-    b1: Tensor,
-    w2: Tensor,
-    b2: Tensor,
-    activation: str = "gelu_tanh",
-    *,
-    recompute: bool = False,
-) -> Tensor:
-    """The routed experts of a token MoE in one fused step: y[t] = Σ_j gates[t, j] · MLP_{e(t,j)}(x[t]).
-
-    x [T, H]; gates [T, k] (from moe_gate, differentiable) or None for weights of 1; sorted_slot [T·k] and
-    expert_offsets [NE + 1] from moe_sort / moe_dispatch (expert e owns sorted rows expert_offsets[e] :
-    expert_offsets[e + 1]); expert weights as in grouped_mlp. Equal to
-    moe_combine(grouped_mlp(moe_dispatch(x)...), gates, sorted_slot) up to the order of the k-term sums (ascending
-    expert here), but without the [T·k, H] intermediates: the backward keeps x, the gates and the experts' hidden
-    pre-activations [T·k, F] — or, with recompute=True, recomputes those (one more x·W1ᵀ product per expert).
-    Differentiable w.r.t. x, gates and the expert weights. Deterministic. Like grouped_mlp, it reads
-    expert_offsets on the host (one synchronisation on CUDA).
-    """
-    if activation not in _ACTIVATIONS:
-        raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {activation!r}")
-    _check_float(x, "x", 2)
-    n_tokens = x.shape[0]
-    if gates is not None:
-        _check_float(gates, "gates", 2)
-        if gates.shape[0] != n_tokens or gates.shape[1] == 0 or gates.device != x.device:
-            raise ValueError(f"gates: expected [{n_tokens}, k] on {x.device}, got {list(gates.shape)} on "
-                             f"{gates.device}")
-        top_k = gates.shape[1]
-    else:
-        if not isinstance(sorted_slot, Tensor):
-            raise ValueError(f"sorted_slot: expected a tensor, got {type(sorted_slot).__name__}")
-        top_k = sorted_slot.numel() // n_tokens if n_tokens else 1
-        if top_k == 0 or sorted_slot.numel() != n_tokens * top_k:
-            raise ValueError(f"sorted_slot: without gates its length ({sorted_slot.numel()}) must be a positive "
-                             f"multiple of the number of tokens ({n_tokens})")
-    _check_index(sorted_slot, "sorted_slot", (n_tokens * top_k,), x.device)
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        # Under autocast the whole fused pass runs in the autocast dtype: x and the weights are cast here (the casts
-        # are ordinary autograd ops, so fp32 master weights get fp32 gradients) and autocast is off inside.
-        dt = torch.get_autocast_dtype(device_type)
-        x, w1, b1, w2, b2 = (t.to(dt) for t in (x, w1, b1, w2, b2))
-    if gates is not None:
-        gates = gates.to(_acc_dtype(x)).contiguous()  # after any autocast cast of x: the dtype the kernels expect
-    bounds = _expert_bounds(expert_offsets, x, w1, b1, w2, b2, n_rows=n_tokens * top_k, x_name="x")
-    if w2.shape[1] != x.shape[1]:
-        raise ValueError(f"w2: the experts' output width ({w2.shape[1]}) must equal the width of x ({x.shape[1]})")
-    with torch.autocast(device_type, enabled=False):
-        return _ExpertLayer.apply(x.contiguous(), gates, sorted_slot.contiguous(), bounds, top_k, activation,
-                                  bool(recompute), w1, b1, w2, b2)
-
-
 def balance_loss(expert_counts: Tensor, router_prob_mean: Tensor, num_groups: int) -> Tensor:
-    """Σ_g E·Σ_e f_e·P_e (DESIGN §5): f_e = expert_counts / (the group's routed (token, slot) pairs),
-    P_e = router_prob_mean. A group without tokens contributes 0. Differentiable through router_prob_mean."""
-    if not isinstance(num_groups, int) or num_groups <= 0:
-        raise ValueError(f"num_groups: must be a positive int, got {num_groups!r}")
+    """Σ_g E·Σ_e f_e·P_e (docs/design.md §5): f_e = expert_counts / (the group's routed (token, slot) pairs),
+    P_e = router_prob_mean. A group without tokens contributes 0. Differentiable through router_prob_mean.
+    Negative expert_counts raise ValueError on the CPU; CUDA counts are trusted (checking them would synchronise)."""
+    _check_int(num_groups, "num_groups")
     if not isinstance(expert_counts, Tensor) or expert_counts.dim() != 1 or expert_counts.dtype != torch.int64:
         got = (f"{expert_counts.dtype} {list(expert_counts.shape)}" if isinstance(expert_counts, Tensor)
                else type(expert_counts).__name__)
@@ -732,7 +518,16 @@ def balance_loss(expert_counts: Tensor, router_prob_mean: Tensor, num_groups: in
     if router_prob_mean.shape != expert_counts.shape:
         raise ValueError(f"router_prob_mean: expected shape [{n}] (that of expert_counts), "
                          f"got {list(router_prob_mean.shape)}")
+    # Negative counts (not from moe_gate) would make the fractions meaningless. The check reads the data: free on the
+    # CPU; on CUDA it would be a host synchronisation, so CUDA counts are trusted (moe_gate never makes negative ones).
+    if expert_counts.device.type == "cpu" and not torch.compiler.is_compiling() and bool((expert_counts < 0).any()):
+        raise ValueError(f"expert_counts: must be non-negative, found {int(expert_counts.min())}")
     counts = expert_counts.view(num_groups, -1).to(router_prob_mean.dtype)
     n_experts = counts.shape[1]
     frac = counts / counts.sum(1, keepdim=True).clamp(min=1)
     return n_experts * (frac * router_prob_mean.view(num_groups, -1)).sum()
+
+
+# The expert pass lives in its own module, moe_mlp (it builds on the helpers above; a module named moe_experts would be
+# shadowed by the function of that name in unif2ace.ops); re-exported so existing imports keep working.
+from unif2ace.ops.moe_mlp import grouped_mlp, moe_experts  # noqa: E402,F401

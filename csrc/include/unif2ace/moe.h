@@ -77,10 +77,19 @@ Status scatter_add_rows_cpu(const void* rows, DType dtype, int64_t n_rows, int64
 //   hid_w[i, f] = w[i] · act(pre[i, f])                    the W2 gradient is dyᵀ·hid_w
 //   d_pre[i, f] = w[i] · d_hid[i, f] · act'(pre[i, f])     d_hid = dy·W2 of the unweighted output gradient
 //   row_dot[i]  = Σ_f d_hid[i, f] · act(pre[i, f])         the gate gradient, less ⟨dy, b2⟩ (row_dot may be null)
+// hid_w may be null (not written); d_pre may be d_hid itself (each element is read before it is written).
 // pre, d_hid, hid_w, d_pre: [n_rows, F] of `dtype`; w and row_dot in the accumulation type. One tanh per element
 // where separate activation, product, row-sum and activation-backward passes would read the rows five times.
 Status gelu_tanh_backward_rows_cpu(const void* pre, const void* d_hid, DType dtype, int64_t n_rows, int64_t width,
                                    const void* row_weights, void* hid_w, void* d_pre, void* row_dot);
+
+// The grouped expert pass's first bias and activation in one pass over the expert-sorted hidden rows:
+//   pre[i, f] += bias[row_expert[i], f]      in place (rounded to `dtype`: the value the backward reads)
+//   act[i, f]  = GELU(pre[i, f])             tanh form, from the rounded sum
+// pre, act: [n_rows, F] of `dtype`; bias: [n_groups, F] of `dtype`; row_expert: [n_rows] int64. On the CPU an
+// expert id outside [0, n_groups) is an error; the CUDA kernel adds no bias for one (it stays in bounds).
+Status bias_gelu_tanh_rows_cpu(void* pre, const void* bias, DType dtype, int64_t n_rows, int64_t width,
+                               const int64_t* row_expert, int64_t n_groups, void* act);
 
 // ---- CUDA versions (fp32/bf16/fp16 activations and logits, fp32 vectors) -----------------------------------------
 // Same contracts on device pointers, enqueued on `stream` (a cudaStream_t) of `device`. Ids cannot be checked on
@@ -125,6 +134,8 @@ Status scatter_add_rows_cuda(const void* rows, DType dtype, int64_t n_rows, int6
 Status gelu_tanh_backward_rows_cuda(const void* pre, const void* d_hid, DType dtype, int64_t n_rows, int64_t width,
                                     const float* row_weights, void* hid_w, void* d_pre, float* row_dot, int device,
                                     void* stream);
+Status bias_gelu_tanh_rows_cuda(void* pre, const void* bias, DType dtype, int64_t n_rows, int64_t width,
+                                const int64_t* row_expert, int64_t n_groups, void* act, int device, void* stream);
 
 }  // namespace moe
 }  // namespace unif2ace
