@@ -77,35 +77,30 @@ void gate_forward(const py::capsule& logits_c, const py::capsule& group_ids_c, c
   check_int64(a.logits, groups, {a.n_groups});
   check_acc_vector(a.logits, prob_mean, {ne});
   const uint8_t* mask = static_cast<const uint8_t*>(opt_data(a.token_mask));
+  std::optional<View> wp, wc, wg;  // the CUDA kernel's workspaces
   if (a.logits.cuda) {
-#ifdef UNIF2ACE_WITH_CUDA
-    auto wp = opt_view(ws_probs_c, "workspace_probs"), wc = opt_view(ws_counts_c, "workspace_counts");
-    auto wg = opt_view(ws_groups_c, "workspace_groups");
+    wp = opt_view(ws_probs_c, "workspace_probs"), wc = opt_view(ws_counts_c, "workspace_counts");
+    wg = opt_view(ws_groups_c, "workspace_groups");
     if (!wp || !wc || !wg) fail("moe_gate: the CUDA kernel needs its three workspaces");
     const int64_t nb = (a.n_tokens + moe::gate_block_tokens() - 1) / moe::gate_block_tokens();
     check_acc_vector(a.logits, *wp, {nb, ne});
     check_int64(a.logits, *wc, {nb, ne});
     check_int64(a.logits, *wg, {nb, a.n_groups});
-    py::gil_scoped_release release;
-    raise_if_error(moe::gate_forward_cuda(a.logits.data, a.logits.float_dtype(), a.n_tokens, a.n_groups, a.n_experts,
-                                          top_k, a.group_ids.ptr<int64_t>(), mask, renormalize, gates.ptr<float>(),
-                                          ids.ptr<int64_t>(), counts.ptr<int64_t>(), groups.ptr<int64_t>(),
-                                          prob_mean.ptr<float>(), wp->ptr<float>(), wc->ptr<int64_t>(),
-                                          wg->ptr<int64_t>(), a.logits.device, reinterpret_cast<void*>(stream)));
-    return;
-#else
-    (void)ws_probs_c, (void)ws_counts_c, (void)ws_groups_c, (void)stream;
-    no_cuda("moe_gate");
-#endif
   }
-  Status s;
-  {
-    py::gil_scoped_release release;
-    s = moe::gate_forward_cpu(a.logits.data, a.logits.float_dtype(), a.n_tokens, a.n_groups, a.n_experts, top_k,
-                              a.group_ids.ptr<int64_t>(), mask, renormalize, gates.data, ids.ptr<int64_t>(),
-                              counts.ptr<int64_t>(), groups.ptr<int64_t>(), prob_mean.data);
-  }
-  raise_if_error(s);
+  run_entry(
+      "moe_gate", a.logits,
+      [&] {
+        return moe::gate_forward_cpu(a.logits.data, a.logits.float_dtype(), a.n_tokens, a.n_groups, a.n_experts,
+                                     top_k, a.group_ids.ptr<int64_t>(), mask, renormalize, gates.data,
+                                     ids.ptr<int64_t>(), counts.ptr<int64_t>(), groups.ptr<int64_t>(), prob_mean.data);
+      },
+      [&] {
+        return moe::gate_forward_cuda(a.logits.data, a.logits.float_dtype(), a.n_tokens, a.n_groups, a.n_experts,
+                                      top_k, a.group_ids.ptr<int64_t>(), mask, renormalize, gates.ptr<float>(),
+                                      ids.ptr<int64_t>(), counts.ptr<int64_t>(), groups.ptr<int64_t>(),
+                                      prob_mean.ptr<float>(), wp->ptr<float>(), wc->ptr<int64_t>(),
+                                      wg->ptr<int64_t>(), a.logits.device, reinterpret_cast<void*>(stream));
+      });
 }
 
 void gate_backward(const py::capsule& logits_c, const py::capsule& group_ids_c, const py::object& token_mask_c,
@@ -125,27 +120,20 @@ void gate_backward(const py::capsule& logits_c, const py::capsule& group_ids_c, 
   expect_shape(grad_logits, a.logits.shape);
   expect_same_device(a.logits, grad_logits);
   const uint8_t* mask = static_cast<const uint8_t*>(opt_data(a.token_mask));
-  if (a.logits.cuda) {
-#ifdef UNIF2ACE_WITH_CUDA
-    py::gil_scoped_release release;
-    raise_if_error(moe::gate_backward_cuda(
-        a.logits.data, a.logits.float_dtype(), a.n_tokens, a.n_groups, a.n_experts, top_k, a.group_ids.ptr<int64_t>(),
-        mask, renormalize, ids.ptr<int64_t>(), groups.ptr<int64_t>(), static_cast<const float*>(opt_data(gg)),
-        static_cast<const float*>(opt_data(gp)), grad_logits.data, a.logits.device, reinterpret_cast<void*>(stream)));
-    return;
-#else
-    (void)stream;
-    no_cuda("moe_gate backward");
-#endif
-  }
-  Status s;
-  {
-    py::gil_scoped_release release;
-    s = moe::gate_backward_cpu(a.logits.data, a.logits.float_dtype(), a.n_tokens, a.n_groups, a.n_experts, top_k,
-                               a.group_ids.ptr<int64_t>(), mask, renormalize, ids.ptr<int64_t>(),
-                               groups.ptr<int64_t>(), opt_data(gg), opt_data(gp), grad_logits.data);
-  }
-  raise_if_error(s);
+  run_entry(
+      "moe_gate backward", a.logits,
+      [&] {
+        return moe::gate_backward_cpu(a.logits.data, a.logits.float_dtype(), a.n_tokens, a.n_groups, a.n_experts,
+                                      top_k, a.group_ids.ptr<int64_t>(), mask, renormalize, ids.ptr<int64_t>(),
+                                      groups.ptr<int64_t>(), opt_data(gg), opt_data(gp), grad_logits.data);
+      },
+      [&] {
+        return moe::gate_backward_cuda(a.logits.data, a.logits.float_dtype(), a.n_tokens, a.n_groups, a.n_experts,
+                                       top_k, a.group_ids.ptr<int64_t>(), mask, renormalize, ids.ptr<int64_t>(),
+                                       groups.ptr<int64_t>(), static_cast<const float*>(opt_data(gg)),
+                                       static_cast<const float*>(opt_data(gp)), grad_logits.data, a.logits.device,
+                                       reinterpret_cast<void*>(stream));
+      });
 }
 
 void sort_slots(const py::capsule& expert_ids_c, int64_t num_experts, const py::capsule& offsets_c,
@@ -157,28 +145,22 @@ void sort_slots(const py::capsule& expert_ids_c, int64_t num_experts, const py::
   const int64_t n = ids.numel();
   check_int64(ids, offsets, {num_experts + 1});
   check_int64(ids, sorted, {n});
+  std::optional<View> ws;  // the CUDA sort's workspace
   if (ids.cuda) {
-#ifdef UNIF2ACE_WITH_CUDA
-    auto ws = opt_view(ws_c, "workspace");
+    ws = opt_view(ws_c, "workspace");
     if (!ws) fail("moe_dispatch: the CUDA sort needs its workspace");
     const int64_t nb = (n + moe::sort_block_slots() - 1) / moe::sort_block_slots();
     check_int64(ids, *ws, {nb, num_experts + 1});
-    py::gil_scoped_release release;
-    raise_if_error(moe::sort_slots_cuda(ids.ptr<int64_t>(), n, num_experts, offsets.ptr<int64_t>(),
-                                        sorted.ptr<int64_t>(), ws->ptr<int64_t>(), ids.device,
-                                        reinterpret_cast<void*>(stream)));
-    return;
-#else
-    (void)ws_c, (void)stream;
-    no_cuda("moe_dispatch");
-#endif
   }
-  Status s;
-  {
-    py::gil_scoped_release release;
-    s = moe::sort_slots_cpu(ids.ptr<int64_t>(), n, num_experts, offsets.ptr<int64_t>(), sorted.ptr<int64_t>());
-  }
-  raise_if_error(s);
+  run_entry(
+      "moe_dispatch", ids,
+      [&] {
+        return moe::sort_slots_cpu(ids.ptr<int64_t>(), n, num_experts, offsets.ptr<int64_t>(), sorted.ptr<int64_t>());
+      },
+      [&] {
+        return moe::sort_slots_cuda(ids.ptr<int64_t>(), n, num_experts, offsets.ptr<int64_t>(), sorted.ptr<int64_t>(),
+                                    ws->ptr<int64_t>(), ids.device, reinterpret_cast<void*>(stream));
+      });
 }
 
 void invert_permutation(const py::capsule& sorted_slot_c, const py::capsule& slot_pos_c, uintptr_t stream) {
@@ -186,23 +168,15 @@ void invert_permutation(const py::capsule& sorted_slot_c, const py::capsule& slo
   expect_kind(sorted, {Kind::kInt64});
   expect_dim(sorted, 1);
   check_int64(sorted, pos, sorted.shape);
-  if (sorted.cuda) {
-#ifdef UNIF2ACE_WITH_CUDA
-    py::gil_scoped_release release;
-    raise_if_error(moe::invert_permutation_cuda(sorted.ptr<int64_t>(), sorted.numel(), pos.ptr<int64_t>(),
-                                                sorted.device, reinterpret_cast<void*>(stream)));
-    return;
-#else
-    (void)stream;
-    no_cuda("moe_combine");
-#endif
-  }
-  Status s;
-  {
-    py::gil_scoped_release release;
-    s = moe::invert_permutation_cpu(sorted.ptr<int64_t>(), sorted.numel(), pos.ptr<int64_t>());
-  }
-  raise_if_error(s);
+  run_entry(
+      "moe_combine", sorted,
+      [&] {
+        return moe::invert_permutation_cpu(sorted.ptr<int64_t>(), sorted.numel(), pos.ptr<int64_t>());
+      },
+      [&] {
+        return moe::invert_permutation_cuda(sorted.ptr<int64_t>(), sorted.numel(), pos.ptr<int64_t>(), sorted.device,
+                                            reinterpret_cast<void*>(stream));
+      });
 }
 
 void permute_rows(const py::capsule& src_c, const py::capsule& sorted_slot_c, int64_t top_k,
@@ -217,25 +191,17 @@ void permute_rows(const py::capsule& src_c, const py::capsule& sorted_slot_c, in
   if (out.kind != src.kind) fail("x_sorted: must have the dtype of x");
   expect_shape(out, {sorted.size(0), src.size(1)});
   expect_same_device(src, out);
-  if (src.cuda) {
-#ifdef UNIF2ACE_WITH_CUDA
-    py::gil_scoped_release release;
-    raise_if_error(moe::permute_rows_cuda(src.data, src.float_dtype(), src.size(0), src.size(1), top_k,
-                                          sorted.ptr<int64_t>(), sorted.size(0), out.data, src.device,
-                                          reinterpret_cast<void*>(stream)));
-    return;
-#else
-    (void)stream;
-    no_cuda("moe_dispatch");
-#endif
-  }
-  Status s;
-  {
-    py::gil_scoped_release release;
-    s = moe::permute_rows_cpu(src.data, src.float_dtype(), src.size(0), src.size(1), top_k, sorted.ptr<int64_t>(),
-                              sorted.size(0), out.data);
-  }
-  raise_if_error(s);
+  run_entry(
+      "moe_dispatch", src,
+      [&] {
+        return moe::permute_rows_cpu(src.data, src.float_dtype(), src.size(0), src.size(1), top_k,
+                                     sorted.ptr<int64_t>(), sorted.size(0), out.data);
+      },
+      [&] {
+        return moe::permute_rows_cuda(src.data, src.float_dtype(), src.size(0), src.size(1), top_k,
+                                      sorted.ptr<int64_t>(), sorted.size(0), out.data, src.device,
+                                      reinterpret_cast<void*>(stream));
+      });
 }
 
 void unpermute_sum(const py::capsule& rows_c, const py::capsule& slot_pos_c, const py::object& weights_c,
@@ -255,25 +221,17 @@ void unpermute_sum(const py::capsule& rows_c, const py::capsule& slot_pos_c, con
          std::to_string(rows.size(0)));
   check_int64(rows, pos, {t * top_k});
   if (w) check_acc_vector(rows, *w, {t, top_k});
-  if (rows.cuda) {
-#ifdef UNIF2ACE_WITH_CUDA
-    py::gil_scoped_release release;
-    raise_if_error(moe::unpermute_sum_cuda(rows.data, rows.float_dtype(), t, rows.size(1), top_k, pos.ptr<int64_t>(),
-                                           static_cast<const float*>(opt_data(w)), out.data, rows.device,
-                                           reinterpret_cast<void*>(stream)));
-    return;
-#else
-    (void)stream;
-    no_cuda("moe_combine");
-#endif
-  }
-  Status s;
-  {
-    py::gil_scoped_release release;
-    s = moe::unpermute_sum_cpu(rows.data, rows.float_dtype(), t, rows.size(1), top_k, pos.ptr<int64_t>(), opt_data(w),
-                               out.data);
-  }
-  raise_if_error(s);
+  run_entry(
+      "moe_combine", rows,
+      [&] {
+        return moe::unpermute_sum_cpu(rows.data, rows.float_dtype(), t, rows.size(1), top_k, pos.ptr<int64_t>(),
+                                      opt_data(w), out.data);
+      },
+      [&] {
+        return moe::unpermute_sum_cuda(rows.data, rows.float_dtype(), t, rows.size(1), top_k, pos.ptr<int64_t>(),
+                                       static_cast<const float*>(opt_data(w)), out.data, rows.device,
+                                       reinterpret_cast<void*>(stream));
+      });
 }
 
 void unpermute_sum_backward(const py::capsule& grad_out_c, const py::capsule& rows_c,
@@ -295,25 +253,17 @@ void unpermute_sum_backward(const py::capsule& grad_out_c, const py::capsule& ro
   expect_same_device(rows, gr);
   expect_shape(rows, {t * k, rows.size(1)});
   check_int64(rows, sorted, {t * k});
-  if (rows.cuda) {
-#ifdef UNIF2ACE_WITH_CUDA
-    py::gil_scoped_release release;
-    raise_if_error(moe::unpermute_sum_backward_cuda(go.data, rows.data, rows.float_dtype(), t, rows.size(1), k,
-                                                    sorted.ptr<int64_t>(), w.ptr<float>(), gr.data, gw.ptr<float>(),
-                                                    rows.device, reinterpret_cast<void*>(stream)));
-    return;
-#else
-    (void)stream;
-    no_cuda("moe_combine backward");
-#endif
-  }
-  Status s;
-  {
-    py::gil_scoped_release release;
-    s = moe::unpermute_sum_backward_cpu(go.data, rows.data, rows.float_dtype(), t, rows.size(1), k,
-                                        sorted.ptr<int64_t>(), w.data, gr.data, gw.data);
-  }
-  raise_if_error(s);
+  run_entry(
+      "moe_combine backward", rows,
+      [&] {
+        return moe::unpermute_sum_backward_cpu(go.data, rows.data, rows.float_dtype(), t, rows.size(1), k,
+                                               sorted.ptr<int64_t>(), w.data, gr.data, gw.data);
+      },
+      [&] {
+        return moe::unpermute_sum_backward_cuda(go.data, rows.data, rows.float_dtype(), t, rows.size(1), k,
+                                                sorted.ptr<int64_t>(), w.ptr<float>(), gr.data, gw.ptr<float>(),
+                                                rows.device, reinterpret_cast<void*>(stream));
+      });
 }
 
 void scatter_add_rows(const py::capsule& out_c, const py::capsule& rows_c, const py::capsule& slots_c, int64_t top_k,
@@ -330,25 +280,17 @@ void scatter_add_rows(const py::capsule& out_c, const py::capsule& rows_c, const
   expect_same_device(rows, out);
   check_int64(rows, slots, {rows.size(0)});
   if (w) check_acc_vector(rows, *w, {t * top_k});
-  if (rows.cuda) {
-#ifdef UNIF2ACE_WITH_CUDA
-    py::gil_scoped_release release;
-    raise_if_error(moe::scatter_add_rows_cuda(rows.data, rows.float_dtype(), rows.size(0), rows.size(1), top_k,
-                                              slots.ptr<int64_t>(), t, static_cast<const float*>(opt_data(w)),
-                                              out.ptr<float>(), rows.device, reinterpret_cast<void*>(stream)));
-    return;
-#else
-    (void)stream;
-    no_cuda("moe_scatter_add_rows");
-#endif
-  }
-  Status s;
-  {
-    py::gil_scoped_release release;
-    s = moe::scatter_add_rows_cpu(rows.data, rows.float_dtype(), rows.size(0), rows.size(1), top_k,
-                                  slots.ptr<int64_t>(), t, opt_data(w), out.data);
-  }
-  raise_if_error(s);
+  run_entry(
+      "moe_scatter_add_rows", rows,
+      [&] {
+        return moe::scatter_add_rows_cpu(rows.data, rows.float_dtype(), rows.size(0), rows.size(1), top_k,
+                                         slots.ptr<int64_t>(), t, opt_data(w), out.data);
+      },
+      [&] {
+        return moe::scatter_add_rows_cuda(rows.data, rows.float_dtype(), rows.size(0), rows.size(1), top_k,
+                                          slots.ptr<int64_t>(), t, static_cast<const float*>(opt_data(w)),
+                                          out.ptr<float>(), rows.device, reinterpret_cast<void*>(stream));
+      });
 }
 
 void gelu_tanh_backward_rows(const py::capsule& pre_c, const py::capsule& d_hid_c, const py::object& weights_c,
@@ -368,25 +310,18 @@ void gelu_tanh_backward_rows(const py::capsule& pre_c, const py::capsule& d_hid_
   }
   if (w) check_acc_vector(pre, *w, {pre.size(0)});
   if (dot) check_acc_vector(pre, *dot, {pre.size(0)});
-  if (pre.cuda) {
-#ifdef UNIF2ACE_WITH_CUDA
-    py::gil_scoped_release release;
-    raise_if_error(moe::gelu_tanh_backward_rows_cuda(
-        pre.data, d_hid.data, pre.float_dtype(), pre.size(0), pre.size(1), static_cast<const float*>(opt_data(w)),
-        opt_data(hid_w), d_pre.data, static_cast<float*>(opt_data(dot)), pre.device, reinterpret_cast<void*>(stream)));
-    return;
-#else
-    (void)stream;
-    no_cuda("moe_gelu_backward_rows");
-#endif
-  }
-  Status s;
-  {
-    py::gil_scoped_release release;
-    s = moe::gelu_tanh_backward_rows_cpu(pre.data, d_hid.data, pre.float_dtype(), pre.size(0), pre.size(1),
-                                         opt_data(w), opt_data(hid_w), d_pre.data, opt_data(dot));
-  }
-  raise_if_error(s);
+  run_entry(
+      "moe_gelu_backward_rows", pre,
+      [&] {
+        return moe::gelu_tanh_backward_rows_cpu(pre.data, d_hid.data, pre.float_dtype(), pre.size(0), pre.size(1),
+                                                opt_data(w), opt_data(hid_w), d_pre.data, opt_data(dot));
+      },
+      [&] {
+        return moe::gelu_tanh_backward_rows_cuda(pre.data, d_hid.data, pre.float_dtype(), pre.size(0), pre.size(1),
+                                                 static_cast<const float*>(opt_data(w)), opt_data(hid_w), d_pre.data,
+                                                 static_cast<float*>(opt_data(dot)), pre.device,
+                                                 reinterpret_cast<void*>(stream));
+      });
 }
 
 void bias_gelu_tanh_rows(const py::capsule& pre_c, const py::capsule& bias_c, const py::capsule& row_expert_c,
