@@ -17,6 +17,24 @@ std::optional<View> opt_view(const py::object& o, const char* name) {
 
 void* opt_data(const std::optional<View>& v) { return v ? v->data : nullptr; }
 
+// Block sizes of the CUDA gating and sort kernels, which size their workspaces (the CUDA build's values; a build
+// without CUDA reports the same defaults).
+int64_t gate_block_tokens() {
+#ifdef UNIF2ACE_WITH_CUDA
+  return moe::gate_block_tokens();
+#else
+  return 256;
+#endif
+}
+
+int64_t sort_block_slots() {
+#ifdef UNIF2ACE_WITH_CUDA
+  return moe::sort_block_slots();
+#else
+  return 256;
+#endif
+}
+
 const std::initializer_list<Kind> kFloatKinds = {Kind::kFloat32, Kind::kBFloat16, Kind::kFloat16, Kind::kFloat64};
 
 void check_acc_vector(const View& ref, const View& v, const std::vector<int64_t>& shape) {
@@ -82,7 +100,7 @@ void gate_forward(const py::capsule& logits_c, const py::capsule& group_ids_c, c
     wp = opt_view(ws_probs_c, "workspace_probs"), wc = opt_view(ws_counts_c, "workspace_counts");
     wg = opt_view(ws_groups_c, "workspace_groups");
     if (!wp || !wc || !wg) fail("moe_gate: the CUDA kernel needs its three workspaces");
-    const int64_t nb = (a.n_tokens + moe::gate_block_tokens() - 1) / moe::gate_block_tokens();
+    const int64_t nb = (a.n_tokens + gate_block_tokens() - 1) / gate_block_tokens();
     check_acc_vector(a.logits, *wp, {nb, ne});
     check_int64(a.logits, *wc, {nb, ne});
     check_int64(a.logits, *wg, {nb, a.n_groups});
@@ -149,7 +167,7 @@ void sort_slots(const py::capsule& expert_ids_c, int64_t num_experts, const py::
   if (ids.cuda) {
     ws = opt_view(ws_c, "workspace");
     if (!ws) fail("moe_dispatch: the CUDA sort needs its workspace");
-    const int64_t nb = (n + moe::sort_block_slots() - 1) / moe::sort_block_slots();
+    const int64_t nb = (n + sort_block_slots() - 1) / sort_block_slots();
     check_int64(ids, *ws, {nb, num_experts + 1});
   }
   run_entry(
@@ -349,22 +367,6 @@ void bias_gelu_tanh_rows(const py::capsule& pre_c, const py::capsule& bias_c, co
                                              rows.ptr<int64_t>(), bias.size(0), act.data, pre.device,
                                              reinterpret_cast<void*>(stream));
       });
-}
-
-int64_t gate_block_tokens() {
-#ifdef UNIF2ACE_WITH_CUDA
-  return moe::gate_block_tokens();
-#else
-  return 256;
-#endif
-}
-
-int64_t sort_block_slots() {
-#ifdef UNIF2ACE_WITH_CUDA
-  return moe::sort_block_slots();
-#else
-  return 256;
-#endif
 }
 
 }  // namespace
