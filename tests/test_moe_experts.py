@@ -8,16 +8,10 @@ import unif2ace
 from unif2ace import ops
 from unif2ace.ops import moe as moe_ops
 
+from moe_cases import acc_dtype as _acc, expert_inputs as _experts_inputs, gen as _gen, plain_experts as _plain_experts
+
 cuda = pytest.mark.cuda
 needs_gpu = pytest.mark.skipif(not (torch.cuda.is_available() and unif2ace.WITH_CUDA), reason="needs a CUDA device")
-
-
-def _gen(seed):
-    return torch.Generator().manual_seed(seed)
-
-
-def _acc(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -131,34 +125,6 @@ def test_gelu_tanh_backward_rows_opcheck_and_bad_inputs():
 # ---------------------------------------------------------------------------------------------------------
 # moe_experts
 # ---------------------------------------------------------------------------------------------------------
-def _experts_inputs(T, H, F_, NE, k, dtype, seed, empty_expert=None):
-    g = _gen(seed)
-    x = torch.randn(T, H, generator=g).to(dtype)
-    scores = torch.randn(T, NE, generator=g)
-    if empty_expert is not None:
-        scores[:, empty_expert] = -1e9
-    gates, ids = torch.softmax(scores, -1).topk(k, -1)
-    gates = (gates / gates.sum(-1, keepdim=True)).to(_acc(dtype))
-    w1 = (torch.randn(NE, F_, H, generator=g) * 0.3).to(dtype)
-    b1 = (torch.randn(NE, F_, generator=g) * 0.3).to(dtype)
-    w2 = (torch.randn(NE, H, F_, generator=g) * 0.3).to(dtype)
-    b2 = (torch.randn(NE, H, generator=g) * 0.3).to(dtype)
-    return x, gates, ids, (w1, b1, w2, b2)
-
-
-def _plain_experts(x, gates, ids, weights, activation="gelu_tanh"):
-    """The loop a user writes: for each expert, its tokens, its MLP, weighted index_add (weights of 1 without gates)."""
-    w1, b1, w2, b2 = weights
-    approximate = "tanh" if activation == "gelu_tanh" else "none"
-    y = torch.zeros_like(x)
-    for e in range(w1.shape[0]):
-        tok, slot = torch.where(ids == e)
-        out = F.linear(F.gelu(F.linear(x[tok], w1[e], b1[e]), approximate=approximate), w2[e], b2[e])
-        scale = gates[tok, slot, None].to(x.dtype) if gates is not None else 1
-        y = y.index_add(0, tok, out * scale)
-    return y
-
-
 def _fused(x, gates, ids, weights, recompute=False, activation="gelu_tanh"):
     offsets, sorted_slot = ops.moe.moe_sort(ids, weights[0].shape[0])
     return moe_ops.moe_experts(x, gates, sorted_slot, offsets, *weights, activation, recompute=recompute)
@@ -182,7 +148,7 @@ def test_experts_match_reference_with_gradients(dtype, tol, recompute, T, H, F_,
 
 
 def test_experts_match_unfused_ops_and_gradcheck():
-    x, gates, ids, weights = _experts_inputs(13, 6, 5, 4, 2, torch.float64, seed=3, empty_expert=2)
+    x, gates, ids, weights = _experts_inputs(13, 6, 5, 4, 2, torch.float64, seed=3, empty_experts=(2,))
     x_sorted, offsets, sorted_slot = ops.moe_dispatch(x, ids, 4)
     unfused = ops.moe_combine(ops.grouped_mlp(x_sorted, offsets, *weights), gates, sorted_slot)
     torch.testing.assert_close(moe_ops.moe_experts(x, gates, sorted_slot, offsets, *weights), unfused)
