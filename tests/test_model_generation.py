@@ -251,16 +251,11 @@ def test_cuda_graphs_give_the_same_tokens(dtype):
     assert torch.equal(a, model.generate_images([[1, 2], [3, 4, 5, 6]], cuda_graphs=False, **kw))
 
 
-@pytest.mark.cuda
-@not_under_sanitizer
-def test_cuda_graphs_are_captured_and_replayed_when_the_moe_is_sync_free():
-    """With a data-independent stand-in for the token MoE (in fp32 the MoE layer reads its expert offsets on the
-    host), both steps must be recorded as CUDA graphs — no fallback warning — and replay to the same tokens."""
+def _assert_graphs_captured_and_replayed(model):
+    """Both generation steps are recorded as CUDA graphs (a fallback warning fails) and replay to the tokens of the
+    uncaptured path."""
     import warnings
 
-    torch.manual_seed(0)
-    model = UniF2aceModel(CFG).cuda()
-    _stub_token_moe(model)
     prompts, codes = ragged_prompts(10, (3, 8))
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*not captured as a CUDA graph.*")
@@ -268,6 +263,17 @@ def test_cuda_graphs_are_captured_and_replayed_when_the_moe_is_sync_free():
         assert model.generate_text(prompts, **kw) == model.generate_text(prompts, cuda_graphs=False, **kw)
         kw = dict(steps=6, guidance_scale=2.0, seed=7)
         assert torch.equal(model.generate_images(prompts, **kw), model.generate_images(prompts, cuda_graphs=False, **kw))
+
+
+@pytest.mark.cuda
+@not_under_sanitizer
+def test_cuda_graphs_are_captured_and_replayed_when_the_moe_is_sync_free():
+    """With a data-independent stand-in for the token MoE (in fp32 the MoE layer reads its expert offsets on the
+    host), both steps must be recorded as CUDA graphs — no fallback warning — and replay to the same tokens."""
+    torch.manual_seed(0)
+    model = UniF2aceModel(CFG).cuda()
+    _stub_token_moe(model)
+    _assert_graphs_captured_and_replayed(model)
 
 
 @pytest.mark.cuda
@@ -278,17 +284,9 @@ def test_cuda_graphs_are_captured_with_the_real_token_moe_in_bf16():
     """The real token MoE in bf16 reads nothing on the host (grouped expert products over device offsets), so both
     generation steps are recorded as CUDA graphs — no fallback warning — and replay to the same tokens. (In fp32 its
     expert products fall back to a loop over host offsets: the stand-in test above covers that case.)"""
-    import warnings
-
     torch.manual_seed(0)
     model = UniF2aceModel(CFG).cuda().to(torch.bfloat16).eval()
-    prompts, codes = ragged_prompts(10, (3, 8))
-    with warnings.catch_warnings():
-        warnings.filterwarnings("error", message=".*not captured as a CUDA graph.*")
-        kw = dict(max_new_tokens=12, image_codes=codes, seed=3, top_k=30)
-        assert model.generate_text(prompts, **kw) == model.generate_text(prompts, cuda_graphs=False, **kw)
-        kw = dict(steps=6, guidance_scale=2.0, seed=7)
-        assert torch.equal(model.generate_images(prompts, **kw), model.generate_images(prompts, cuda_graphs=False, **kw))
+    _assert_graphs_captured_and_replayed(model)
 
 
 @pytest.mark.cuda
