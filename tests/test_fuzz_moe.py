@@ -4,7 +4,6 @@ random shapes (0- and 1-sized included), dtypes, non-contiguous views, out-of-ra
 shape mismatches. Every call must give the reference's result or a clean ValueError/RuntimeError naming the bad
 argument — never a crash, never a change to the inputs (under .ci/sanitize.sh AddressSanitizer watches every
 access)."""
-import pytest
 import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st

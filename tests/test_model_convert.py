@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from unif2ace.model import UniF2aceModel
-from unif2ace.model.convert import from_showo, main
+from unif2ace.model.convert import main
 
 LAYERS, HIDDEN, HEAD_DIM, DENSE, TEXT_VOCAB, CODEBOOK, N_IMG = 2, 64, 16, 128, 100, 32, 16
 VOCAB = TEXT_VOCAB + 10 + CODEBOOK + 1

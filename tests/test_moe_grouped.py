@@ -12,7 +12,7 @@ from unif2ace.nn.moe import GroupedSequenceMoE, GroupedTokenMoE
 from unif2ace.ops import moe as moe_ops
 from unif2ace.ops import moe_mlp as mx
 
-from moe_cases import acc_dtype as _acc, expert_inputs as _inputs, gen as _gen, plain_experts as _plain_experts
+from moe_cases import expert_inputs as _inputs, gen as _gen, plain_experts as _plain_experts
 
 cuda = pytest.mark.cuda
 needs_gpu = pytest.mark.skipif(not (torch.cuda.is_available() and unif2ace.WITH_CUDA), reason="needs a CUDA device")

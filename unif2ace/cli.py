@@ -192,9 +192,9 @@ def _status(message: str) -> None:
 TRAIN_HELP = {
     "data_dir": "synthetic data folder (index.jsonl, from `python -m unif2ace.data.synthetic`) or a "
                 "UniF²aceD-1M-style folder",
-    "tokenizer_dir": "folder with image_tokenizer/ and text_tokenizer/ (docs/data.md)",
+    "tokenizer_dir": "folder with image_tokenizer/, text_tokenizer/ and optionally face_encoder/ (docs/data.md)",
     "out_dir": "run folder: train_config.json, train_log.jsonl, checkpoints/, and at the end a pipeline "
-               "(model/, image_tokenizer/, text_tokenizer/)",
+               "(model/, image_tokenizer/, text_tokenizer/, and face_encoder/ when TOK has one)",
     "cache_dir": "image-token cache ('' = DATA/.token_cache)",
     "split": "split to train on; 'none' for all records (real data without a split field)",
     "caption_form": "'short': the attribute list of synthetic data; 'full': the data set's own captions",

@@ -3,8 +3,8 @@
 Four numbers, each printed beside a reference or baseline so it can be judged, then a per-attribute table:
 
 * generation attribute accuracy — the judge, a small CNN attribute classifier (one head per schema attribute,
-  trained on the rendered train- and validation-split images at full pixel resolution), judges each generated face on every
-  attribute its prompt (a held-out short caption) states. Beside it: the judge's accuracy on the real held-out
+  trained on the rendered train- and validation-split images at full pixel resolution), judges each generated face
+  on every attribute its prompt (a held-out short caption) states. Beside it: the judge's accuracy on the real held-out
   images of those captions (the ceiling this judge allows) and its mean per-attribute accuracy on all real held-out
   faces, chance (1/number of values, averaged over the judged attributes) and the majority-value rate.
 * Fréchet distance between generated and real held-out faces in the judge's 64-d feature space; beside it the
@@ -15,6 +15,10 @@ Four numbers, each printed beside a reference or baseline so it can be judged, t
 * caption attribute recall — the share of the attributes of the image's short caption whose phrase (with the right
   value) appears in the generated caption; beside it the recall of one fixed caption made of the train split's
   most frequent value of every attribute.
+
+The judge is not the model's Face encoder (`FaceAttributeEncoder`, which the demo trains with the same recipe,
+`unif2ace.training.attributes`): it is trained separately, on more faces (train and validation splits), wider and
+from another seed, and only ever sees generated faces and real held-out ones.
 
 The judge is cached in the output folder (attribute_classifier.pt) under a key of its settings, its code and its
 training data (`cached_classifier`): a later evaluation reuses it only under the same key and says so, and retrains
@@ -34,56 +38,13 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from unif2ace.data import SCHEMA
+from unif2ace.model.encoders import AttributeClassifier
 from unif2ace.progress import progress_bar
+from unif2ace.training.attributes import ATTRIBUTES, label_tensor, random_shift, train_attribute_classifier
 from unif2ace.training.data import caption_attributes, mentions, normalize_answer, short_caption
-
-ATTRIBUTES = list(SCHEMA)
-FEATURE_DIM = 64
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The attribute classifier (the judge of generated faces)
-# ----------------------------------------------------------------------------------------------------------
-class AttributeClassifier(nn.Module):
-    """A small all-convolutional net at full pixel resolution → Linear to a 64-d feature → one linear head per
-    schema attribute.
-
-    A 3×3 stem at full resolution (fine attributes — eye colour, brows, lipstick — span a few pixels at 32 px, a
-    stride-2 first layer loses them), then three stages of (stride-2 conv, conv), each conv with BatchNorm and GELU,
-    down to a 4 × 4 map (for 32 px inputs)."""
-
-    def __init__(self, image_size: int = 64, width: int = 16):
-        super().__init__()
-
-        def conv(cin, cout, stride):
-            return [nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout), nn.GELU()]
-
-        w = width
-        self.convs = nn.Sequential(*conv(3, w, 1), *conv(w, 2 * w, 2), *conv(2 * w, 2 * w, 1),
-                                   *conv(2 * w, 4 * w, 2), *conv(4 * w, 4 * w, 1), *conv(4 * w, 4 * w, 2))
-        side = max(1, image_size // 8)
-        self.image_size, self.width = image_size, width
-        self.feature = nn.Sequential(nn.Flatten(), nn.Linear(4 * w * side * side, FEATURE_DIM), nn.GELU())
-        self.heads = nn.ModuleDict({a: nn.Linear(FEATURE_DIM, len(v)) for a, v in SCHEMA.items()})
-
-    def forward(self, images: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        f = self.feature(self.convs(images))
-        return f, {a: head(f) for a, head in self.heads.items()}
-
-
-def label_tensor(records: list[dict]) -> Tensor:
-    """[N, A] value indices, −100 where the attribute is hidden in the render (cannot be judged)."""
-    out = torch.full((len(records), len(ATTRIBUTES)), -100, dtype=torch.long)
-    for i, r in enumerate(records):
-        hidden = set(r.get("hidden", ()))
-        for j, a in enumerate(ATTRIBUTES):
-            if a in r["attributes"] and a not in hidden:
-                out[i, j] = SCHEMA[a].index(r["attributes"][a])
-    return out
 
 
 def load_split(data_dir: str, split: str, image_size: int, limit: int = 0) -> tuple[Tensor, list[dict]]:
@@ -103,41 +64,6 @@ def load_split(data_dir: str, split: str, image_size: int, limit: int = 0) -> tu
     return torch.stack(images) if images else torch.zeros(0, 3, image_size, image_size), records
 
 
-def random_shift(x: Tensor, shift: int, generator: torch.Generator) -> Tensor:
-    """The batch moved by up to `shift` pixels in each direction (edges replicated): the renderer places faces
-    with small offsets already, and the judge must not depend on exact pixel positions."""
-    if shift <= 0:
-        return x
-    s = x.shape[-1]
-    x = F.pad(x, (shift,) * 4, mode="replicate")
-    dx, dy = torch.randint(0, 2 * shift + 1, (2,), generator=generator).tolist()
-    return x[:, :, dy:dy + s, dx:dx + s]
-
-
-def train_attribute_classifier(images: Tensor, labels: Tensor, *, steps: int = 600, batch_size: int = 64,
-                               lr: float = 3e-3, width: int = 16, shift: int = 2, seed: int = 0,
-                               progress: bool = True) -> AttributeClassifier:
-    torch.manual_seed(seed)
-    model = AttributeClassifier(images.shape[-1], width=width)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
-    g = torch.Generator().manual_seed(seed)
-    model.train()
-    bar = progress_bar(range(steps), desc="attribute classifier", disable=not progress)
-    for _ in bar:
-        idx = torch.randint(0, images.shape[0], (batch_size,), generator=g)
-        x, y = random_shift(images[idx], shift, g), labels[idx]
-        x = x + 0.03 * torch.randn(x.shape, generator=g)
-        _, logits = model(x)
-        loss = sum(F.cross_entropy(logits[a], y[:, j], ignore_index=-100) for j, a in enumerate(ATTRIBUTES))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        bar.set_postfix(loss=f"{loss.item() / len(ATTRIBUTES):.3f}")
-    return model.eval()
-
-
 @torch.no_grad()
 def classify(model: AttributeClassifier, images: Tensor, batch_size: int = 256) -> tuple[Tensor, Tensor]:
     """(features [N, 64], predicted value indices [N, A])."""
@@ -151,8 +77,7 @@ def classify(model: AttributeClassifier, images: Tensor, batch_size: int = 256) 
 
 def save_classifier(model: AttributeClassifier, path: str, key: str = "", info: Optional[dict] = None) -> None:
     tmp = path + ".tmp"
-    torch.save({"image_size": model.image_size, "width": model.width, "state": model.state_dict(), "key": key,
-                "info": info or {}}, tmp)
+    torch.save({**model.settings(), "state": model.state_dict(), "key": key, "info": info or {}}, tmp)
     os.replace(tmp, path)
 
 
@@ -162,7 +87,7 @@ def load_classifier(path: str) -> AttributeClassifier:
 
 def _load_classifier_blob(path: str) -> tuple[AttributeClassifier, dict]:
     blob = torch.load(path, map_location="cpu")
-    model = AttributeClassifier(blob["image_size"], width=blob.get("width", 16))
+    model = AttributeClassifier(blob["num_values"], blob["image_size"], width=blob["width"])
     model.load_state_dict(blob["state"])
     return model.eval(), blob
 

@@ -1,12 +1,13 @@
 """FacePipeline: text-to-face generation, visual question answering and captioning with a trained UniF2ace.
 
-A pipeline directory holds three subfolders (what `unif2ace train` and `unif2ace demo` write) and optionally the
-sampling settings the model was evaluated with:
+A pipeline directory holds three subfolders (what `unif2ace train` and `unif2ace demo` write), optionally a
+trained Face encoder and the sampling settings the model was evaluated with:
 
     model/                    UniF2aceModel.save_pretrained (config.json + model.safetensors)
     image_tokenizer/          ImageTokenizer.save_pretrained
     text_tokenizer/           TextTokenizer.save_pretrained
-    generation_config.json    {"num_inference_steps": 12, "guidance_scale": 3.0} (the defaults of __call__)
+    face_encoder/             FaceAttributeEncoder.save_pretrained, when the model was trained with one (the demo)
+    generation_config.json    {"num_inference_steps": 12, "guidance_scale": 3.0, "temperature": 1.0} (the defaults of __call__)
 
 It follows the diffusers / transformers conventions:
 
@@ -32,6 +33,7 @@ from PIL import Image
 
 from unif2ace.data.dataset import image_to_tensor
 from unif2ace.model import UniF2aceModel
+from unif2ace.model.encoders import FaceAttributeEncoder
 from unif2ace.training.data import CAPTION_QUESTION, question_prompt
 
 DEFAULT_GENERATION_CONFIG = {"num_inference_steps": 12, "guidance_scale": 3.0}
@@ -107,7 +109,10 @@ class FacePipeline:
             if not os.path.isdir(os.path.join(directory, sub)):
                 raise FileNotFoundError(f"{directory!r} is not a pipeline directory: {sub}/ is missing")
         dtype = _dtype(torch_dtype)
-        model = UniF2aceModel.from_pretrained(os.path.join(directory, "model"), backend=backend, torch_dtype=dtype)
+        face_dir = os.path.join(directory, "face_encoder")
+        face_encoder = FaceAttributeEncoder.from_pretrained(face_dir) if os.path.isdir(face_dir) else None
+        model = UniF2aceModel.from_pretrained(os.path.join(directory, "model"), backend=backend, torch_dtype=dtype,
+                                              face_encoder=face_encoder)
         image_tok = ImageTokenizer.from_pretrained(os.path.join(directory, "image_tokenizer"))
         text_tok = TextTokenizer.from_pretrained(os.path.join(directory, "text_tokenizer"))
         gen_path = os.path.join(directory, GENERATION_CONFIG_NAME)
@@ -118,6 +123,8 @@ class FacePipeline:
         self.model.save_pretrained(os.path.join(directory, "model"))
         self.image_tokenizer.save_pretrained(os.path.join(directory, "image_tokenizer"))
         self.text_tokenizer.save_pretrained(os.path.join(directory, "text_tokenizer"))
+        if isinstance(self.model.face_encoder, FaceAttributeEncoder):
+            self.model.face_encoder.save_pretrained(os.path.join(directory, "face_encoder"))
         save_generation_config(directory, **self.generation_config)
 
     def to(self, *args, **kwargs) -> "FacePipeline":

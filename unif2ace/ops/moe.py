@@ -31,7 +31,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from unif2ace._core import _C, dl, stream_of

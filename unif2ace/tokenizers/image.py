@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
@@ -452,8 +452,13 @@ def _batches(data, batch_size: int, generator: torch.Generator):
 def train_image_tokenizer(data, config: ImageTokenizerConfig | None = None, steps: int = 1000, *,
                           train: ImageTokenizerTrainConfig | None = None, model: ImageTokenizer | None = None,
                           device: str = "cpu", seed: int = 0, progress: bool = True,
-                          max_seconds: float | None = None) -> tuple[ImageTokenizer, list[dict]]:
+                          max_seconds: float | None = None, perceptual: nn.Module | None = None,
+                          perceptual_weight: float = 0.0) -> tuple[ImageTokenizer, list[dict]]:
     """Train (or continue training `model`) on `data`: a tensor [N, 3, H, W] in [-1, 1] or a Dataset.
+
+    `perceptual`: a frozen image encoder (images → [B, D]); with `perceptual_weight` > 0 the loss adds
+    perceptual_weight · mean((E(recon) − E(x))²), so the codes keep what E reads (a face-attribute encoder: the
+    one- or two-pixel attributes a pixel loss spends no bits on). Logged as "perceptual".
 
     AdamW with linear warm-up then cosine decay to zero at `steps` or at `max_seconds`, whichever comes
     first (the training stops there). Returns the model
@@ -467,6 +472,8 @@ def train_image_tokenizer(data, config: ImageTokenizerConfig | None = None, step
     t = train or ImageTokenizerTrainConfig()
     torch.manual_seed(seed)
     model = (model or ImageTokenizer(config)).to(device).train()
+    if perceptual is not None:
+        perceptual = perceptual.to(device).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.99))
     batches = _batches(data, t.batch_size, torch.Generator().manual_seed(seed))
     history, start = [], time.time()
@@ -478,6 +485,11 @@ def train_image_tokenizer(data, config: ImageTokenizerConfig | None = None, step
             group["lr"] = t.lr * min(1.0, (step + 1) / max(1, t.warmup_steps)) * 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
         x = next(batches).to(device)
         recon, losses = model(x, t)
+        if perceptual is not None and perceptual_weight > 0:
+            with torch.no_grad():
+                target = perceptual(x)
+            losses["perceptual"] = F.mse_loss(perceptual(recon), target)
+            losses["loss"] = losses["loss"] + perceptual_weight * losses["perceptual"]
         opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
         if t.grad_clip:

@@ -13,7 +13,8 @@ from typing import Optional
 class TrainConfig:
     # --- data and tokenizers ---
     data_dir: str = ""                 # synthetic folder (index.jsonl) or a UniF2aceD-1M-style folder
-    tokenizer_dir: str = ""            # holds image_tokenizer/ and text_tokenizer/ (a pipeline dir without model/)
+    tokenizer_dir: str = ""            # holds image_tokenizer/, text_tokenizer/ and optionally face_encoder/ (a
+                                       # pipeline dir without model/)
     out_dir: str = "runs/unif2ace"     # checkpoints/, train_log.jsonl, and at the end a pipeline dir
     cache_dir: str = ""                # image-token cache (default: <data_dir>/.token_cache)
     split: Optional[str] = "train"     # None = every record (real data without a split field)

@@ -33,7 +33,8 @@ from unif2ace.training import checkpoint
 LOG = "train_log.jsonl"
 CONFIG = "train_config.json"
 LOCK = ".lock"
-PIPELINE = ("image_tokenizer", "text_tokenizer", "model")  # swapped in this order: the model last
+COMPONENTS = ("image_tokenizer", "text_tokenizer", "face_encoder")  # what a tokenizer dir may hold
+PIPELINE = (*COMPONENTS, "model")  # swapped in this order: the model last
 RUN_FILES = (LOG, CONFIG, "checkpoints", "model")           # any of these means the dir holds a run
 _NOT_WRITABLE = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exhausted",
                  errno.EFBIG: "the file size limit is reached", errno.EACCES: "permission denied",
@@ -129,13 +130,13 @@ class RunDir:
     def _delete_run(self, tokenizer_dir: str) -> None:
         """Moves the old run's files into one temporary folder (a few renames: a kill leaves next to nothing of the
         old run in place, and the next open removes the folder), then deletes it. The tokenizers stay when the
-        out dir is also the tokenizer dir."""
+        out dir is also the tokenizer dir (and so does the Face encoder there)."""
         keep_tokenizers = bool(tokenizer_dir) and os.path.isdir(tokenizer_dir) and os.path.samefile(tokenizer_dir,
                                                                                                      self.path)
         trash = durable.temporary_name(os.path.join(self.path, "overwritten"))
         os.makedirs(trash)
         for name in (LOG, CONFIG, "checkpoints", *PIPELINE):
-            if os.path.lexists(os.path.join(self.path, name)) and not (keep_tokenizers and name.endswith("_tokenizer")):
+            if os.path.lexists(os.path.join(self.path, name)) and not (keep_tokenizers and name in COMPONENTS):
                 os.rename(os.path.join(self.path, name), os.path.join(trash, name))
         durable.fsync_path(self.path)
         shutil.rmtree(trash)
@@ -181,12 +182,16 @@ class RunDir:
         checkpoint.rotate(self.path, keep, step)
         return path
 
-    def export(self, model_config: dict, model_state: dict, image_tokenizer, text_tokenizer) -> None:
-        """The pipeline folders, each written aside and swapped in whole: a kill leaves the previous export."""
+    def export(self, model_config: dict, model_state: dict, image_tokenizer, text_tokenizer,
+               face_encoder=None) -> None:
+        """The pipeline folders, each written aside and swapped in whole: a kill leaves the previous export.
+        `face_encoder`: a trained FaceAttributeEncoder the model was built with (written to face_encoder/)."""
         writers = {"image_tokenizer": image_tokenizer.save_pretrained, "text_tokenizer": text_tokenizer.save_pretrained,
                    "model": lambda d: model_checkpoint.write_files(d, model_config, model_state)}
+        if face_encoder is not None:
+            writers["face_encoder"] = face_encoder.save_pretrained
         with self._writing("the pipeline export"):
-            for name in PIPELINE:
+            for name in (n for n in PIPELINE if n in writers):
                 with durable.staged_directory(os.path.join(self.path, name)) as tmp:
                     writers[name](tmp)
 

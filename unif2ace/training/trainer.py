@@ -30,6 +30,7 @@ from unif2ace.progress import progress_bar
 from unif2ace.training import checkpoint
 from unif2ace.training.config import TrainConfig
 from unif2ace.training.data import BatchOrder, TokenizedFaces, mix_seed
+from unif2ace.model.encoders import FaceAttributeEncoder
 from unif2ace.training.run_dir import RunDir
 
 PARTS = ("text", "image", "token_balance", "seq_balance")
@@ -43,6 +44,13 @@ def load_tokenizers(tokenizer_dir: str):
 
     return (ImageTokenizer.from_pretrained(os.path.join(tokenizer_dir, "image_tokenizer")),
             TextTokenizer.from_pretrained(os.path.join(tokenizer_dir, "text_tokenizer")))
+
+
+def load_face_encoder(tokenizer_dir: str) -> Optional[FaceAttributeEncoder]:
+    """The trained Face encoder in `tokenizer_dir`/face_encoder (the demo trains one), else None: the model then
+    uses its built-in one."""
+    path = os.path.join(tokenizer_dir, "face_encoder")
+    return FaceAttributeEncoder.from_pretrained(path) if os.path.isdir(path) else None
 
 
 def model_config_for(image_tokenizer, text_tokenizer, preset: str = "tiny", **overrides) -> UniF2aceConfig:
@@ -169,8 +177,13 @@ def train(cfg: TrainConfig, *, data: Optional[TokenizedFaces] = None, tokenizers
             found = (found, *checkpoint.load(found))
         image_tok, text_tok = tokenizers if tokenizers is not None else load_tokenizers(cfg.tokenizer_dir)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP broadcasts rank 0's anyway)
-        model = (UniF2aceModel.from_pretrained(cfg.init_from) if cfg.init_from else
-                 UniF2aceModel(model_config_for(image_tok, text_tok, cfg.model_preset, **cfg.model_overrides)))
+        face_encoder = load_face_encoder(cfg.tokenizer_dir)
+        overrides = dict(cfg.model_overrides)
+        if face_encoder is not None:
+            overrides["face_embed_dim"] = face_encoder.embed_dim
+        model = (UniF2aceModel.from_pretrained(cfg.init_from, face_encoder=face_encoder) if cfg.init_from else
+                 UniF2aceModel(model_config_for(image_tok, text_tok, cfg.model_preset, **overrides),
+                               face_encoder=face_encoder))
         model.to(device)
         # Speed / memory options of the step (they do not change what is computed).
         model.set_activation_checkpointing(cfg.activation_checkpointing)
@@ -219,7 +232,8 @@ def train(cfg: TrainConfig, *, data: Optional[TokenizedFaces] = None, tokenizers
 
         # the exported model: gathered by every rank under FSDP (a collective), written by rank 0
         model_sd = full_state(model, optimizer)[0] if cfg.fsdp else model.checkpoint_state_dict()
-        master_only(run, world, lambda r: r.export(model.config.to_dict(), model_sd, image_tok, text_tok))
+        master_only(run, world, lambda r: r.export(model.config.to_dict(), model_sd, image_tok, text_tok,
+                                                          face_encoder))
         return {"step": last.get("step", start), "out_dir": cfg.out_dir, "last": last,
                 "seconds": time.time() - t_start, "model": model}
 
