@@ -213,6 +213,8 @@ TRAIN_HELP = {
     "weight_decay": "AdamW weight decay (matrices only)",
     "beta1": "AdamW β1",
     "beta2": "AdamW β2",
+    "vqa_row_tokens": "pack further questions about the same image into a VQA row while it fits this many tokens "
+                      "(0: one question per row)",
     "grad_clip": "gradient-norm clipping; 0 disables it",
     "precision": "'auto': bf16 autocast on CUDA with bf16, fp32 elsewhere",
     "activation_checkpointing": "recompute each block's activations in the backward (less memory, one more forward)",

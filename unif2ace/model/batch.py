@@ -73,13 +73,28 @@ def mask_image_tokens(codes: Tensor, config: UniF2aceConfig, *, generator: Optio
 
 
 def understanding_sequence(config: UniF2aceConfig, codes: Sequence[int], prompt_ids: Sequence[int],
-                           answer_ids: Sequence[int]) -> tuple[list[int], list[int]]:
-    """(ids, labels) of one understanding row, unpadded. An <|eot|> closes the answer and is supervised."""
+                           answer_ids: Sequence[int], more_turns: Sequence[tuple] = ()) -> tuple[list[int], list[int]]:
+    """(ids, labels) of one understanding row, unpadded. An <|eot|> closes the answer and is supervised.
+
+    `more_turns`: further (prompt_ids, answer_ids) about the same image, each appended as <|sot|> prompt answer
+    <|eot|> with its answer and <|eot|> supervised (several questions per row: more supervised answers for the
+    cost of one image block)."""
     c = config
     image = [c.soi_token_id] + [c.image_token_offset + int(v) for v in codes] + [c.eoi_token_id]
     context = [c.mmu_token_id] + image + [c.sot_token_id] + list(prompt_ids)
     answer = list(answer_ids) + [c.eot_token_id]
-    return context + answer, [IGNORE_INDEX] * len(context) + answer
+    ids, labels = context + answer, [IGNORE_INDEX] * len(context) + answer
+    for prompt, reply in more_turns:
+        turn_context = [c.sot_token_id] + list(prompt)
+        turn_answer = list(reply) + [c.eot_token_id]
+        ids += turn_context + turn_answer
+        labels += [IGNORE_INDEX] * len(turn_context) + turn_answer
+    return ids, labels
+
+
+def understanding_length(num_image_tokens: int, turns: Sequence[tuple]) -> int:
+    """Length of the understanding row of `understanding_sequence` with these (prompt_ids, answer_ids) turns."""
+    return 1 + num_image_tokens + 2 + sum(1 + len(p) + len(a) + 1 for p, a in turns)
 
 
 def generation_prefix(config: UniF2aceConfig, caption_ids: Sequence[int]) -> list[int]:
@@ -93,7 +108,9 @@ def build_batch(config: UniF2aceConfig, *, understanding: Sequence[tuple] = (), 
     """A mixed training batch: understanding rows first, then generation rows.
 
     understanding: (codes [N] tensor or list, prompt_ids list[int], answer_ids list[int]) per sample — the prompt
-                   (e.g. "USER: <question> ASSISTANT:") is context, the answer is supervised.
+                   (e.g. "USER: <question> ASSISTANT:") is context, the answer is supervised; an optional fourth
+                   element lists further (prompt_ids, answer_ids) turns about the same image
+                   (`understanding_sequence`).
     generation:    (caption_ids list[int], codes [N]) per sample — codes are masked by `mask_image_tokens`;
                    with probability `caption_dropout` (default config.caption_dropout) the caption is emptied,
                    which is the unconditional prompt of classifier-free guidance.
@@ -102,9 +119,9 @@ def build_batch(config: UniF2aceConfig, *, understanding: Sequence[tuple] = (), 
     c = config
     p_drop = c.caption_dropout if caption_dropout is None else caption_dropout
     rows: list[tuple[list[int], list[int], list[int], str]] = []  # ids, labels, image targets, pad side
-    for codes, prompt_ids, answer_ids in understanding:
+    for codes, prompt_ids, answer_ids, *more in understanding:
         codes = torch.as_tensor(codes).long().view(-1)
-        ids, labels = understanding_sequence(c, codes.tolist(), prompt_ids, answer_ids)
+        ids, labels = understanding_sequence(c, codes.tolist(), prompt_ids, answer_ids, *more)
         rows.append((ids, labels, [IGNORE_INDEX] * len(ids), "right"))
     gammas = [1.0] * len(rows)
     if generation:

@@ -31,6 +31,8 @@ class TrainConfig:
     micro_batch_size: int = 32         # sequences per forward; accumulation = batch_size / (micro · world)
     generation_fraction: float = 0.5   # share of generation (t2i) rows; the rest are understanding rows
     caption_fraction: float = 0.25     # share of understanding rows that are captioning ("Describe the face.")
+    vqa_row_tokens: int = 0            # > 0: a VQA row takes more questions about its image while it fits this many
+                                       # tokens (0: one question per row)
 
     # --- optimisation ---
     steps: int = 1000
@@ -92,6 +94,7 @@ class TrainConfig:
                f"{self.micro_batch_size}")
         yield number("generation_fraction", 0, 1)
         yield number("caption_fraction", 0, 1)
+        yield integer("vqa_row_tokens", 0)
         yield integer("steps", 1)
         yield number("lr", 0, above_low=True, below_high=True)
         yield number("min_lr_ratio", 0, 1)

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from unif2ace import durable
-from unif2ace.model.batch import build_batch
+from unif2ace.model.batch import build_batch, understanding_length
 from unif2ace.progress import progress_bar
 
 CAPTION_QUESTION = "Describe the face."
@@ -237,8 +237,9 @@ class BatchOrder:
     """Builds micro-batch m of step s (s counts optimizer steps, m in [0, micro_batches_per_step))."""
 
     def __init__(self, data: TokenizedFaces, model_config, *, micro_batch_size: int, micro_batches_per_step: int,
-                 generation_fraction: float, caption_fraction: float, seed: int):
+                 generation_fraction: float, caption_fraction: float, seed: int, vqa_row_tokens: int = 0):
         self.data, self.model_config, self.seed = data, model_config, seed
+        self.vqa_row_tokens = vqa_row_tokens
         self.M = micro_batches_per_step
         self.n_gen = round(micro_batch_size * generation_fraction)
         n_und = micro_batch_size - self.n_gen
@@ -249,21 +250,42 @@ class BatchOrder:
             self.n_cap = n_und if self.cap_rows else 0
         if self.n_gen + self.n_cap + self.n_vqa == 0:
             raise ValueError("BatchOrder: the data has neither captions nor VQA pairs")
+        self.vqa_of_image: dict[int, list[int]] = {}  # image index → its VQA rows (for multi-question rows)
+        for j, (i, _, _) in enumerate(self.vqa_rows):
+            self.vqa_of_image.setdefault(i, []).append(j)
         self.gen = Stream(len(data), seed, 1)
         self.vqa = Stream(max(1, len(self.vqa_rows)), seed, 2)
         self.cap = Stream(max(1, len(self.cap_rows)), seed, 3)
 
+    def more_questions(self, j: int, step: int, micro: int) -> list[tuple[list[int], list[int]]]:
+        """Further (prompt, answer) turns for VQA row j: the other questions about its image in a random order
+        (drawn from (seed, step, micro, j)), taken while the row stays within vqa_row_tokens."""
+        if self.vqa_row_tokens <= 0:
+            return []
+        i, prompt, answer = self.vqa_rows[j]
+        others = [k for k in self.vqa_of_image[i] if k != j]
+        g = torch.Generator().manual_seed(mix_seed(self.seed, step, micro, j, 13))
+        turns, more = [(prompt, answer)], []
+        for k in torch.randperm(len(others), generator=g).tolist():
+            _, p, a = self.vqa_rows[others[k]]
+            if understanding_length(self.model_config.num_image_tokens, turns + [(p, a)]) > self.vqa_row_tokens:
+                continue
+            turns.append((p, a))
+            more.append((p, a))
+        return more
+
     def micro_batch(self, step: int, micro: int) -> dict:
         d, c = self.data, self.model_config
         slot = step * self.M + micro
-        und = [self.vqa_rows[j] for j in self.vqa.take(slot * self.n_vqa, self.n_vqa)]
-        und += [self.cap_rows[j] for j in self.cap.take(slot * self.n_cap, self.n_cap)]
+        picked = self.vqa.take(slot * self.n_vqa, self.n_vqa)
+        und = [self.vqa_rows[j] + (self.more_questions(j, step, micro),) for j in picked]
+        und += [self.cap_rows[j] + ((),) for j in self.cap.take(slot * self.n_cap, self.n_cap)]
         gen = self.gen.take(slot * self.n_gen, self.n_gen)
         g = torch.Generator().manual_seed(mix_seed(self.seed, step, micro, 7))
         batch = build_batch(
-            c, understanding=[(d.codes[i].long(), p, a) for i, p, a in und],
+            c, understanding=[(d.codes[i].long(), p, a, more) for i, p, a, more in und],
             generation=[(d.captions[i], d.codes[i].long()) for i in gen], generator=g)
-        rows = [i for i, _, _ in und]
+        rows = [row[0] for row in und]
         batch["embeddings"] = {k: torch.cat([v[rows], torch.zeros(len(gen), v.shape[1])]) for k, v in
                                d.embeddings.items()}
         return batch

@@ -197,7 +197,8 @@ def train(cfg: TrainConfig, *, data: Optional[TokenizedFaces] = None, tokenizers
                              f"multiple of the world size {world}")
         order = BatchOrder(data, model.config, micro_batch_size=cfg.micro_batch_size,
                            micro_batches_per_step=micro_per_step, generation_fraction=cfg.generation_fraction,
-                           caption_fraction=cfg.caption_fraction, seed=cfg.seed)
+                           caption_fraction=cfg.caption_fraction, vqa_row_tokens=cfg.vqa_row_tokens,
+                           seed=cfg.seed)
         wrapped = parallelize(model, cfg, device, world, local_rank)
         optimizer = make_optimizer(model, cfg)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
