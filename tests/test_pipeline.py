@@ -121,11 +121,16 @@ def test_bad_prompts(pipe):
 def test_generation_config_sets_the_defaults(path, tmp_path):
     copy = str(tmp_path / "pipe")
     FacePipeline.from_pretrained(path).save_pretrained(copy)
-    save_generation_config(copy, num_inference_steps=3, guidance_scale=0.5)
+    save_generation_config(copy, num_inference_steps=3, guidance_scale=0.5, temperature=0.4)
     pipe = FacePipeline.from_pretrained(copy)
-    assert pipe.generation_config == {"num_inference_steps": 3, "guidance_scale": 0.5}
+    assert pipe.generation_config == {"num_inference_steps": 3, "guidance_scale": 0.5, "temperature": 0.4}
     assert torch.equal(pipe("sad face", seed=2).codes,
-                       pipe("sad face", num_inference_steps=3, guidance_scale=0.5, seed=2).codes)
+                       pipe("sad face", num_inference_steps=3, guidance_scale=0.5, temperature=0.4, seed=2).codes)
+    assert not torch.equal(pipe("sad face", seed=2).codes, pipe("sad face", temperature=1.0, seed=2).codes)
+    # an older config without a temperature keeps the former default, 1.0
+    with open(os.path.join(copy, "generation_config.json"), "w") as f:
+        json.dump({"num_inference_steps": 3, "guidance_scale": 0.5}, f)
+    assert FacePipeline.from_pretrained(copy).generation_config["temperature"] == 1.0
     with pytest.raises(ValueError, match="unknown keys"):
         save_generation_config(copy, guidance=1.0)
 

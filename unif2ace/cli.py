@@ -81,6 +81,13 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not (value > 0 and value != float("inf")):  # also rejects nan
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
 def json_object(text: str) -> dict:
     try:
         value = json.loads(text)
@@ -206,6 +213,8 @@ TRAIN_HELP = {
     "micro_batch_size": "sequences per forward pass; steps accumulate batch_size / (micro_batch_size · processes)",
     "generation_fraction": "share of text-to-face rows in every micro-batch (the rest is understanding)",
     "caption_fraction": "share of understanding rows that are captioning (the rest is VQA)",
+    "vqa_row_tokens": "pack further questions about the same image into a VQA row while it fits this many tokens "
+                      "(0: one question per row)",
     "steps": "optimizer steps (sets the learning-rate schedule)",
     "lr": "peak learning rate (AdamW)",
     "min_lr_ratio": "the cosine decays to lr · min_lr_ratio",
@@ -213,8 +222,6 @@ TRAIN_HELP = {
     "weight_decay": "AdamW weight decay (matrices only)",
     "beta1": "AdamW β1",
     "beta2": "AdamW β2",
-    "vqa_row_tokens": "pack further questions about the same image into a VQA row while it fits this many tokens "
-                      "(0: one question per row)",
     "grad_clip": "gradient-norm clipping; 0 disables it",
     "precision": "'auto': bf16 autocast on CUDA with bf16, fp32 elsewhere",
     "activation_checkpointing": "recompute each block's activations in the backward (less memory, one more forward)",
@@ -298,6 +305,8 @@ def _sampling_args(p) -> None:
                    help="MaskGIT steps (default: the pipeline's generation_config.json, else 12)")
     p.add_argument("--guidance-scale", type=non_negative_float, default=None,
                    help="classifier-free guidance; 0 = none (default: the pipeline's generation_config.json, else 3)")
+    p.add_argument("--temperature", type=positive_float, default=None,
+                   help="temperature of the code sampling (default: the pipeline's generation_config.json, else 1)")
     p.add_argument("--seed", type=non_negative_int, default=0,
                    help="Philox seed of the sampler: the same draws on any device and thread count")
     _alias(p, "--steps", "num_inference_steps", type=positive_int)
@@ -346,10 +355,11 @@ def cmd_generate(args) -> None:
     n = len(args.prompt) * args.num_images_per_prompt
     steps = args.num_inference_steps or pipe.generation_config["num_inference_steps"]
     guidance = pipe.generation_config["guidance_scale"] if args.guidance_scale is None else args.guidance_scale
+    temperature = pipe.generation_config["temperature"] if args.temperature is None else args.temperature
     _status(f"generating {n} face(s) from {len(args.prompt)} prompt(s): {steps} steps, guidance {guidance}, "
-            f"seed {args.seed}, on {pipe.device} with {args.thread_info}")
+            f"temperature {temperature}, seed {args.seed}, on {pipe.device} with {args.thread_info}")
     images = pipe(args.prompt, negative_prompt=args.negative_prompt, num_images_per_prompt=args.num_images_per_prompt,
-                  num_inference_steps=steps, guidance_scale=guidance, seed=args.seed).images
+                  num_inference_steps=steps, guidance_scale=guidance, temperature=temperature, seed=args.seed).images
     captions = [p for p in args.prompt for _ in range(args.num_images_per_prompt)]
     image_grid(images, columns=min(len(images), args.columns), captions=captions, scale=args.scale,
                caption_lines=8).save(args.out)
@@ -431,10 +441,12 @@ def cmd_eval(args) -> None:
     cfg = pipe.generation_config
     steps = args.num_inference_steps or cfg["num_inference_steps"]
     guidance = cfg["guidance_scale"] if args.guidance_scale is None else args.guidance_scale
-    _status(f"evaluating {args.model} on {args.data_dir} ({steps} steps, guidance {guidance}) on {pipe.device} "
-            f"with {args.thread_info}")
+    temperature = cfg["temperature"] if args.temperature is None else args.temperature
+    _status(f"evaluating {args.model} on {args.data_dir} ({steps} steps, guidance {guidance}, temperature "
+            f"{temperature}) on {pipe.device} with {args.thread_info}")
     res = evaluate(pipe, args.data_dir, out_dir=args.out_dir, num_generate=args.num_generate, num_vqa=args.num_vqa,
-                   num_captions=args.num_captions, steps=steps, guidance_scale=guidance, seed=args.seed,
+                   num_captions=args.num_captions, steps=steps, guidance_scale=guidance, temperature=temperature,
+                   seed=args.seed,
                    classifier_steps=args.classifier_steps, progress=args.progress)
     print(markdown_table(res))
 

@@ -222,7 +222,8 @@ CLASSIFIER_DEFAULTS = dict(steps=2500, batch_size=64, lr=3e-3, width=20, shift=2
 
 def evaluate(pipe, data_dir: str, *, out_dir: Optional[str] = None, classifier: Optional[AttributeClassifier] = None,
              classifier_steps: int = CLASSIFIER_DEFAULTS["steps"], num_generate: int = 64, num_vqa: int = 400,
-             num_captions: int = 64, steps: int = 12, guidance_scale: float = 2.0, seed: int = 0, batch_size: int = 32,
+             num_captions: int = 64, steps: int = 12, guidance_scale: float = 2.0, temperature: float = 1.0,
+             seed: int = 0, batch_size: int = 32,
              progress: bool = True, log=print) -> dict:
     """Runs every metric; writes eval.json and eval_table.md into out_dir (if given); returns the results.
 
@@ -265,7 +266,7 @@ def evaluate(pipe, data_dir: str, *, out_dir: Optional[str] = None, classifier: 
     gen = []
     for i in progress_bar(range(0, n, batch_size), desc="eval: generate", disable=not progress):
         codes = pipe.generate_codes(prompts[i:i + batch_size], steps=steps, guidance_scale=guidance_scale,
-                                    seed=seed + i)
+                                    temperature=temperature, seed=seed + i)
         gen.append(pipe.decode_codes(codes).cpu())
     gen_images = torch.cat(gen)
     gen_feat, gen_pred = classify(classifier, gen_images)

@@ -36,7 +36,7 @@ from unif2ace.model import UniF2aceModel
 from unif2ace.model.encoders import FaceAttributeEncoder
 from unif2ace.training.data import CAPTION_QUESTION, question_prompt
 
-DEFAULT_GENERATION_CONFIG = {"num_inference_steps": 12, "guidance_scale": 3.0}
+DEFAULT_GENERATION_CONFIG = {"num_inference_steps": 12, "guidance_scale": 3.0, "temperature": 1.0}
 GENERATION_CONFIG_NAME = "generation_config.json"
 OUTPUT_TYPES = ("pil", "pt", "np")
 
@@ -163,8 +163,10 @@ class FacePipeline:
     # ------------------------------------------------------------------------------------------------------
     # Text-to-face
     # ------------------------------------------------------------------------------------------------------
-    def _sampling_settings(self, num_inference_steps, guidance_scale, steps, seed, generator) -> tuple[int, float, int]:
-        """(steps, guidance, Philox seed) from the arguments, the older alias `steps` and the generation config."""
+    def _sampling_settings(self, num_inference_steps, guidance_scale, temperature, steps, seed,
+                           generator) -> tuple[int, float, float, int]:
+        """(steps, guidance, temperature, Philox seed) from the arguments, the older alias `steps` and the
+        generation config."""
         if steps is not None:
             if num_inference_steps is not None and num_inference_steps != steps:
                 raise ValueError(f"steps={steps} and num_inference_steps={num_inference_steps} disagree; "
@@ -174,20 +176,22 @@ class FacePipeline:
             num_inference_steps = self.generation_config["num_inference_steps"]
         if guidance_scale is None:
             guidance_scale = self.generation_config["guidance_scale"]
-        return int(num_inference_steps), float(guidance_scale), _philox_seed(seed, generator)
+        if temperature is None:
+            temperature = self.generation_config["temperature"]
+        return int(num_inference_steps), float(guidance_scale), float(temperature), _philox_seed(seed, generator)
 
     @torch.no_grad()
     def generate_codes(self, prompts: Prompts, *, negative_prompt: Optional[Prompts] = None,
                        num_images_per_prompt: int = 1, num_inference_steps: Optional[int] = None,
                        guidance_scale: Optional[float] = None, seed: Optional[int] = None,
-                       generator: Optional[torch.Generator] = None, temperature: float = 1.0,
+                       generator: Optional[torch.Generator] = None, temperature: Optional[float] = None,
                        steps: Optional[int] = None, progress: Union[bool, dict] = False) -> torch.Tensor:
         """Image codes [len(prompts) · num_images_per_prompt, N] (prompt-major order)."""
         prompts = _prompt_list("prompt", prompts)
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt: must be a positive int, got {num_images_per_prompt!r}")
-        steps, guidance_scale, seed = self._sampling_settings(num_inference_steps, guidance_scale, steps, seed,
-                                                              generator)
+        steps, guidance_scale, temperature, seed = self._sampling_settings(num_inference_steps, guidance_scale,
+                                                                           temperature, steps, seed, generator)
         ids = [self.text_tokenizer.encode(p) for p in prompts for _ in range(num_images_per_prompt)]
         negative_ids = None
         if negative_prompt is not None:
@@ -212,13 +216,14 @@ class FacePipeline:
 
     def __call__(self, prompt: Prompts, negative_prompt: Optional[Prompts] = None, *, num_images_per_prompt: int = 1,
                  num_inference_steps: Optional[int] = None, guidance_scale: Optional[float] = None,
-                 generator: Optional[torch.Generator] = None, seed: Optional[int] = None, temperature: float = 1.0,
+                 generator: Optional[torch.Generator] = None, seed: Optional[int] = None,
+                 temperature: Optional[float] = None,
                  output_type: str = "pil", return_dict: bool = True, steps: Optional[int] = None):
         """Faces for each prompt (prompt-major: all images of prompt 0, then prompt 1, ...).
 
-        `num_inference_steps` and `guidance_scale` default to the pipeline's generation_config.json (else 12 and
-        3.0); `negative_prompt` (one caption, or one per prompt) replaces the empty caption of classifier-free
-        guidance; `seed` (default 0) or `generator` choose the randomness; `output_type` "pil" (a list of
+        `num_inference_steps`, `guidance_scale` and `temperature` (of the code sampling) default to the pipeline's
+        generation_config.json (else 12, 3.0 and 1.0); `negative_prompt` (one caption, or one per prompt) replaces
+        the empty caption of classifier-free guidance; `seed` (default 0) or `generator` choose the randomness; `output_type` "pil" (a list of
         images), "pt" (tensor [B, 3, H, W]) or "np" (array [B, H, W, 3]), both in [0, 1]. Returns a
         FacePipelineOutput, or the tuple (images,) with return_dict=False. `steps` is the older name of
         num_inference_steps."""
@@ -295,7 +300,7 @@ class FacePipeline:
 
 
 def save_generation_config(directory: str, **values) -> None:
-    """Writes the sampling defaults of a pipeline directory (num_inference_steps, guidance_scale)."""
+    """Writes the sampling defaults of a pipeline directory (num_inference_steps, guidance_scale, temperature)."""
     unknown = sorted(set(values) - set(DEFAULT_GENERATION_CONFIG))
     if unknown:
         raise ValueError(f"generation config: unknown keys {unknown}")
