@@ -31,7 +31,10 @@ def test_demo_quick(tmp_path, capsys):
         assert sum(1 for _ in f) == recorded["num_images"] == DemoConfig.quick().num_images
     with open(os.path.join(out, "pipeline", "generation_config.json")) as f:
         assert json.load(f) == {"num_inference_steps": recorded["sample_steps"],
-                                "guidance_scale": recorded["guidance_scale"]}
+                                "guidance_scale": recorded["guidance_scale"],
+                                "temperature": recorded["sample_temperature"]}
+    # the trained Face encoder travels with the pipeline
+    assert os.path.isfile(os.path.join(out, "pipeline", "face_encoder", "model.safetensors"))
     t0 = time.time()
     assert main(["demo", "--quick", "--out-dir", out, "--threads", "1"]) == 0
     assert time.time() - t0 < 10
