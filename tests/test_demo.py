@@ -35,6 +35,16 @@ def test_demo_quick(tmp_path, capsys):
                                 "temperature": recorded["sample_temperature"]}
     # the trained Face encoder travels with the pipeline
     assert os.path.isfile(os.path.join(out, "pipeline", "face_encoder", "model.safetensors"))
+    # the probes docs/ablations.md quotes run on a finished demo folder
+    import argparse
+
+    from benchmarks import demo_probes
+
+    capsys.readouterr()
+    demo_probes.tokenizer(argparse.Namespace(demo_dir=out))
+    demo_probes.sampling(argparse.Namespace(demo_dir=out, num=4, steps=2, guidance=[1.0], temperatures=[0.5]))
+    probes = capsys.readouterr().out
+    assert "judge on reconstructions" in probes and "PSNR" in probes and "| 1.0 | " in probes
     t0 = time.time()
     assert main(["demo", "--quick", "--out-dir", out, "--threads", "1"]) == 0
     assert time.time() - t0 < 10
