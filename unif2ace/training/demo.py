@@ -271,7 +271,6 @@ def run_demo(cfg: DemoConfig, docs_dir: str = "") -> dict:
 
     stages.run("image_tokenizer", image_tokenizer)
 
-
     tcfg = TrainConfig(data_dir=data_dir, tokenizer_dir=tok_dir, out_dir=run_dir, cache_dir=os.path.join(cfg.out, "cache"),
                        model_preset=cfg.model_preset, model_overrides=dict(cfg.model_overrides), steps=cfg.steps,
                        batch_size=cfg.batch_size, micro_batch_size=cfg.batch_size,
