@@ -131,13 +131,17 @@ def test_tokenizer_perceptual_term():
     images = torch.rand(16, 3, 32, 32) * 2 - 1
     tcfg = ImageTokenizerTrainConfig(batch_size=8, log_every=1)
     enc = _encoder()
-    _, hist = train_image_tokenizer(images, icfg, 3, train=tcfg, perceptual=enc, perceptual_weight=0.5,
-                                    progress=False)
+    with_term, hist = train_image_tokenizer(images, icfg, 3, train=tcfg, perceptual=enc, perceptual_weight=0.5,
+                                            progress=False)
     for row in hist:
         assert row["perceptual"] >= 0
         parts = row["recon"] + tcfg.commit_weight * row["commit"] + tcfg.entropy_weight * (
             row["entropy_sample"] - row["entropy_codebook"])
         assert row["loss"] == pytest.approx(parts + 0.5 * row["perceptual"], rel=1e-3, abs=1e-4)
     assert not any(p.requires_grad for p in enc.parameters())
-    _, plain = train_image_tokenizer(images, icfg, 3, train=tcfg, progress=False)
+    without, plain = train_image_tokenizer(images, icfg, 3, train=tcfg, progress=False)
     assert "perceptual" not in plain[0]
+    # same seed and batches: the first step's losses differ by the term alone (the history rounds to 5 decimals),
+    # and only the term's gradient can make the two tokenizers differ
+    assert plain[0]["loss"] == pytest.approx(hist[0]["loss"] - 0.5 * hist[0]["perceptual"], rel=0, abs=2e-5)
+    assert any(not torch.equal(a, b) for a, b in zip(with_term.parameters(), without.parameters()))
